@@ -1,0 +1,3 @@
+from csi_vduse.cli import main
+
+raise SystemExit(main())

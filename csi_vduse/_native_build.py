@@ -1,0 +1,214 @@
+"""cffi (API mode) build of csi_vduse._native: the VDUSE ioctl wrappers and the C data plane.
+
+Built by `pip install .` through setup.py's cffi_modules; compiled against the system's
+<linux/vduse.h>, <linux/virtio_blk.h> and <linux/virtio_ring.h>.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+PKG = Path(__file__).resolve().parent
+KERNEL_NATIVE = PKG / "kernel" / "native"
+DATAPLANE_NATIVE = PKG / "dataplane" / "native"
+
+CDEF = """
+/* constants from the kernel headers */
+#define VDUSE_API_VERSION ...
+#define VDUSE_NAME_MAX ...
+#define VDUSE_GET_VQ_STATE ...
+#define VDUSE_SET_STATUS ...
+#define VDUSE_UPDATE_IOTLB ...
+#define VDUSE_REQ_RESULT_OK ...
+#define VDUSE_REQ_RESULT_FAILED ...
+#define VIRTIO_ID_BLOCK ...
+#define VIRTIO_CONFIG_S_DRIVER_OK ...
+#define VIRTIO_F_VERSION_1 ...
+#define VIRTIO_F_ACCESS_PLATFORM ...
+#define VIRTIO_RING_F_EVENT_IDX ...
+#define VIRTIO_RING_F_INDIRECT_DESC ...
+#define VIRTIO_BLK_F_SIZE_MAX ...
+#define VIRTIO_BLK_F_SEG_MAX ...
+#define VIRTIO_BLK_F_RO ...
+#define VIRTIO_BLK_F_BLK_SIZE ...
+#define VIRTIO_BLK_F_FLUSH ...
+#define VIRTIO_BLK_F_TOPOLOGY ...
+#define VIRTIO_BLK_F_MQ ...
+#define VIRTIO_BLK_F_DISCARD ...
+#define VIRTIO_BLK_F_WRITE_ZEROES ...
+#define VIRTIO_BLK_T_IN ...
+#define VIRTIO_BLK_T_OUT ...
+#define VIRTIO_BLK_T_FLUSH ...
+#define VIRTIO_BLK_T_GET_ID ...
+#define VIRTIO_BLK_T_DISCARD ...
+#define VIRTIO_BLK_T_WRITE_ZEROES ...
+#define VIRTIO_BLK_S_OK ...
+#define VIRTIO_BLK_S_IOERR ...
+#define VIRTIO_BLK_S_UNSUPP ...
+#define VIRTIO_BLK_ID_BYTES ...
+#define VRING_DESC_F_NEXT ...
+#define VRING_DESC_F_WRITE ...
+#define VRING_DESC_F_INDIRECT ...
+#define VRING_AVAIL_F_NO_INTERRUPT ...
+#define VRING_USED_F_NO_NOTIFY ...
+#define DP_MAX_SEGS ...
+#define DP_MAX_QUEUE_SIZE ...
+#define DP_PERM_READ ...
+#define DP_PERM_WRITE ...
+
+/* <linux/netlink.h>, <linux/genetlink.h>, <linux/vdpa.h> */
+#define NETLINK_GENERIC ...
+#define NLM_F_REQUEST ...
+#define NLM_F_MULTI ...
+#define NLM_F_ACK ...
+#define NLM_F_DUMP ...
+#define NLM_F_ACK_TLVS ...
+#define NLMSG_ERROR ...
+#define NLMSG_DONE ...
+#define NETLINK_EXT_ACK ...
+#define NETLINK_CAP_ACK ...
+#define SOL_NETLINK ...
+#define GENL_ID_CTRL ...
+static const int CTRL_CMD_GETFAMILY;
+static const int CTRL_ATTR_FAMILY_ID;
+static const int CTRL_ATTR_FAMILY_NAME;
+static const int NLMSGERR_ATTR_MSG;
+static const int VDPA_CMD_MGMTDEV_GET;
+static const int VDPA_CMD_DEV_NEW;
+static const int VDPA_CMD_DEV_DEL;
+static const int VDPA_CMD_DEV_GET;
+static const int VDPA_ATTR_MGMTDEV_BUS_NAME;
+static const int VDPA_ATTR_MGMTDEV_DEV_NAME;
+static const int VDPA_ATTR_MGMTDEV_SUPPORTED_CLASSES;
+static const int VDPA_ATTR_DEV_NAME;
+static const int VDPA_ATTR_DEV_ID;
+static const int VDPA_ATTR_DEV_VENDOR_ID;
+static const int VDPA_ATTR_DEV_MAX_VQS;
+static const int VDPA_ATTR_DEV_MAX_VQ_SIZE;
+
+/* kernel/native/vduse_ioctl.h */
+struct vk_vq_info {
+    uint32_t num;
+    uint64_t desc_addr, driver_addr, device_addr;
+    uint16_t avail_index;
+    uint8_t ready;
+};
+struct vk_request {
+    uint32_t type, request_id;
+    uint32_t vq_index;
+    uint8_t status;
+    uint64_t iova_start, iova_last;
+};
+struct vk_blk_params {
+    uint64_t capacity_sectors;
+    uint32_t size_max, seg_max, blk_size;
+    uint8_t physical_block_exp;
+    uint16_t min_io_size;
+    uint32_t opt_io_size;
+    uint16_t num_queues;
+    uint32_t max_discard_sectors, max_discard_seg, discard_sector_alignment;
+    uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
+    uint8_t write_zeroes_may_unmap;
+};
+int vk_get_api_version(int ctrl_fd, uint64_t *version);
+int vk_set_api_version(int ctrl_fd, uint64_t version);
+int vk_create_dev(int ctrl_fd, const char *name, uint32_t device_id, uint64_t features,
+                  uint32_t vq_num, uint32_t vq_align, const uint8_t *config, uint32_t config_size);
+int vk_destroy_dev(int ctrl_fd, const char *name);
+int vk_dev_get_features(int dev_fd, uint64_t *features);
+int vk_dev_set_config(int dev_fd, uint32_t offset, const uint8_t *buf, uint32_t len);
+int vk_dev_inject_config_irq(int dev_fd);
+int vk_vq_setup(int dev_fd, uint32_t index, uint16_t max_size);
+int vk_vq_get_info(int dev_fd, uint32_t index, struct vk_vq_info *out);
+int vk_vq_setup_kickfd(int dev_fd, uint32_t index, int fd);
+int vk_vq_inject_irq(int dev_fd, uint32_t index);
+int vk_read_request(int dev_fd, struct vk_request *out);
+int vk_write_response(int dev_fd, uint32_t request_id, uint32_t result, uint32_t vq_index,
+                      uint16_t avail_index);
+int vk_blk_config(const struct vk_blk_params *p, uint8_t *out, uint32_t out_len);
+uint32_t vk_blk_config_size(void);
+uint32_t vk_blk_capacity_offset(void);
+
+/* dataplane/native/dataplane.h */
+struct dp_iotlb { int dev_fd; uint32_t gen; unsigned nmaps; ...; };
+struct dp_stats {
+    uint64_t reads, writes, flushes, discards, write_zeroes, get_ids;
+    uint64_t read_bytes, written_bytes;
+    uint64_t errors, unsupported, bad_chains;
+};
+struct dp_backend_ops { ...; };
+struct dp_blk {
+    const struct dp_backend_ops *ops;
+    void *ctx;
+    uint64_t capacity;
+    bool readonly;
+    uint32_t max_discard_sectors, max_discard_seg;
+    uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
+    char serial[...];
+    ...;
+};
+struct dp_vq {
+    uint16_t num;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+    bool event_idx;
+    bool broken;
+    ...;
+};
+struct dp_queue {
+    uint32_t index;
+    uint64_t interrupts;
+    struct dp_vq vq;
+    struct dp_stats stats;
+    ...;
+};
+extern const struct dp_backend_ops dp_file_ops;
+
+int dp_iotlb_init(struct dp_iotlb *tlb, int dev_fd);
+void dp_iotlb_destroy(struct dp_iotlb *tlb);
+int dp_iotlb_add(struct dp_iotlb *tlb, uint64_t start, uint64_t last, uint8_t *va, uint8_t perm);
+void dp_iotlb_invalidate(struct dp_iotlb *tlb, uint64_t start, uint64_t last);
+void dp_vq_init(struct dp_vq *vq, struct dp_iotlb *tlb, uint16_t num, uint64_t desc,
+                uint64_t avail, uint64_t used, uint16_t last_avail_idx, bool event_idx);
+struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_fd,
+                              struct dp_blk *blk, struct dp_iotlb *tlb);
+void dp_queue_free(struct dp_queue *q);
+int dp_queue_process(struct dp_queue *q);
+int dp_queue_run(struct dp_queue *q);
+"""
+
+SOURCES = [
+    KERNEL_NATIVE / "vduse_ioctl.c",
+    DATAPLANE_NATIVE / "iotlb.c",
+    DATAPLANE_NATIVE / "virtqueue.c",
+    DATAPLANE_NATIVE / "blk.c",
+    DATAPLANE_NATIVE / "worker.c",
+    DATAPLANE_NATIVE / "file_backend.c",
+]
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "csi_vduse._native",
+    """
+    #include <sys/socket.h>
+    #include <linux/netlink.h>
+    #include <linux/genetlink.h>
+    #include <linux/vdpa.h>
+    #include <linux/vduse.h>
+    #include <linux/virtio_ids.h>
+    #include <linux/virtio_config.h>
+    #include <linux/virtio_blk.h>
+    #include <linux/virtio_ring.h>
+    #include "vduse_ioctl.h"
+    #include "dataplane.h"
+    """,
+    sources=[str(p.relative_to(PKG.parent)) for p in SOURCES],
+    include_dirs=[str(KERNEL_NATIVE.relative_to(PKG.parent)), str(DATAPLANE_NATIVE.relative_to(PKG.parent))],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                        "-D_GNU_SOURCE", "-pthread"],
+    extra_link_args=["-pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=False)

@@ -1,0 +1,76 @@
+"""What a virtio-blk device offers: feature bits and config space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from csi_vduse._native import ffi, lib
+
+SECTOR = 512
+MAX_QUEUES = 64
+MAX_QUEUE_SIZE = lib.DP_MAX_QUEUE_SIZE
+DISCARD_MAX_SECTORS = (1 << 30) // SECTOR
+DISCARD_MAX_SEGMENTS = 32
+SIZE_MAX = 1 << 20
+
+
+@dataclass(frozen=True)
+class BlkParams:
+    capacity: int  # bytes
+    queues: int = 1
+    queue_size: int = 256
+    readonly: bool = False
+    serial: str = ""
+    blk_size: int = SECTOR
+
+    @property
+    def seg_max(self) -> int:
+        return min(self.queue_size, lib.DP_MAX_SEGS) - 2
+
+
+def features(p: BlkParams) -> int:
+    bits = [
+        lib.VIRTIO_F_VERSION_1,
+        lib.VIRTIO_F_ACCESS_PLATFORM,
+        lib.VIRTIO_RING_F_EVENT_IDX,
+        lib.VIRTIO_RING_F_INDIRECT_DESC,
+        lib.VIRTIO_BLK_F_SIZE_MAX,
+        lib.VIRTIO_BLK_F_SEG_MAX,
+        lib.VIRTIO_BLK_F_BLK_SIZE,
+        lib.VIRTIO_BLK_F_FLUSH,
+        lib.VIRTIO_BLK_F_TOPOLOGY,
+    ]
+    if p.queues > 1:
+        bits.append(lib.VIRTIO_BLK_F_MQ)
+    if p.readonly:
+        bits.append(lib.VIRTIO_BLK_F_RO)
+    else:
+        bits += [lib.VIRTIO_BLK_F_DISCARD, lib.VIRTIO_BLK_F_WRITE_ZEROES]
+    return sum(1 << b for b in bits)
+
+
+def config_space(p: BlkParams) -> bytes:
+    c = ffi.new("struct vk_blk_params *")
+    c.capacity_sectors = p.capacity // SECTOR
+    c.size_max = SIZE_MAX
+    c.seg_max = p.seg_max
+    c.blk_size = p.blk_size
+    c.physical_block_exp = max(0, (4096 // p.blk_size).bit_length() - 1)
+    c.min_io_size = max(1, 4096 // p.blk_size)
+    c.num_queues = p.queues
+    if not p.readonly:
+        c.max_discard_sectors = DISCARD_MAX_SECTORS
+        c.max_discard_seg = DISCARD_MAX_SEGMENTS
+        c.discard_sector_alignment = 4096 // SECTOR
+        c.max_write_zeroes_sectors = DISCARD_MAX_SECTORS
+        c.max_write_zeroes_seg = DISCARD_MAX_SEGMENTS
+        c.write_zeroes_may_unmap = 1
+    size = lib.vk_blk_config_size()
+    out = ffi.new("uint8_t[]", size)
+    lib.vk_blk_config(c, out, size)
+    return bytes(ffi.buffer(out, size))
+
+
+def capacity_field(capacity: int) -> tuple[int, bytes]:
+    """(offset, bytes) of the capacity field, for a live resize."""
+    return lib.vk_blk_capacity_offset(), (capacity // SECTOR).to_bytes(8, "little")

@@ -1,0 +1,80 @@
+"""vdpa driver binding and device discovery through sysfs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+VDPA_BUS = Path("/sys/bus/vdpa")
+VIRTIO_VDPA = "virtio_vdpa"
+VHOST_VDPA = "vhost_vdpa"
+
+
+class SysfsError(RuntimeError):
+    pass
+
+
+def vdpa_device_dir(name: str) -> Path:
+    return VDPA_BUS / "devices" / name
+
+
+def bound_driver(name: str) -> str | None:
+    link = vdpa_device_dir(name) / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def bind(name: str, driver: str) -> None:
+    """Pins the device to `driver` with driver_override, rebinding it if autoprobe chose
+    another one (the first registered vdpa driver wins otherwise)."""
+    dev = vdpa_device_dir(name)
+    if not (VDPA_BUS / "drivers" / driver).is_dir():
+        raise SysfsError(f"vdpa driver {driver} is not available (modprobe {driver})")
+    (dev / "driver_override").write_text(driver)
+    current = bound_driver(name)
+    if current == driver:
+        return
+    if current is not None:
+        (VDPA_BUS / "drivers" / current / "unbind").write_text(name)
+    (VDPA_BUS / "drivers" / driver / "bind").write_text(name)
+    if bound_driver(name) != driver:
+        raise SysfsError(f"vdpa device {name} did not bind to {driver}")
+
+
+def block_device_name(name: str) -> str | None:
+    """The /dev/vdX name of a vdpa device bound to virtio_vdpa, if it has one yet."""
+    for block in sorted(vdpa_device_dir(name).glob("virtio*/block/*")):
+        return block.name
+    return None
+
+
+def wait_block_device(name: str, timeout: float = 10.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while True:
+        block = block_device_name(name)
+        if block is not None:
+            path = Path("/dev") / block
+            try:
+                if stat.S_ISBLK(path.stat().st_mode):
+                    return path
+            except FileNotFoundError:
+                pass
+        if time.monotonic() > deadline:
+            raise SysfsError(f"vdpa device {name} has no block device after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def block_in_use(block: str) -> list[str]:
+    """Why the block device must not be torn down: holders and mounts (empty if free)."""
+    reasons = [f"held by {h.name}" for h in (Path("/sys/block") / block / "holders").glob("*")]
+    try:
+        dev = (Path("/sys/block") / block / "dev").read_text().strip()
+    except FileNotFoundError:
+        return reasons
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == dev:
+                reasons.append(f"mounted at {fields[4]}")
+    return reasons

@@ -1,0 +1,107 @@
+"""A backend served as a host block device: VDUSE device, data plane, vdpa bus, driver.
+
+Start-up order matters: the kernel talks to the device while `vdpa dev add` is still
+running (the virtio-blk probe), so the message loop is served before the add.
+Teardown is the reverse: vdpa del (the kernel resets the device through us), stop
+serving, release the fd, destroy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_vduse._native import lib
+from csi_vduse.backends import Backend
+from csi_vduse.dataplane.blk_device import BlkParams, config_space, features
+from csi_vduse.dataplane.server import BlockServer
+from csi_vduse.kernel import sysfs
+from csi_vduse.kernel.vdpa import VdpaClient
+from csi_vduse.kernel.vduse import DEVICE_DIR, VduseControl, VduseDevice, VduseError
+
+log = logging.getLogger(__name__)
+VQ_ALIGN = 4096
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+class DeviceBusy(AttachError):
+    """The block device is still mounted or held: teardown would lose data."""
+
+
+@dataclass
+class Attachment:
+    name: str
+    backend: Backend
+    params: BlkParams
+    driver: str = sysfs.VIRTIO_VDPA
+    device_path: Path | None = None
+    _server: BlockServer | None = None
+    _device: VduseDevice | None = None
+    _created = False
+    _added = False
+
+    def start(self) -> Path:
+        if (DEVICE_DIR / self.name).exists():
+            raise AttachError(f"a VDUSE device named {self.name} already exists")
+        vdpa = VdpaClient()
+        try:
+            with VduseControl() as control:
+                try:
+                    control.create(
+                        self.name, lib.VIRTIO_ID_BLOCK, features(self.params),
+                        self.params.queues, VQ_ALIGN, config_space(self.params),
+                    )  # fmt: skip
+                except VduseError as e:
+                    if e.errno == 17:  # EEXIST
+                        raise AttachError(f"a VDUSE device named {self.name} already exists") from None
+                    raise
+            self._created = True
+            self._device = VduseDevice(self.name)
+            for index in range(self.params.queues):
+                self._device.vq_setup(index, self.params.queue_size)
+            self._server = BlockServer(self._device, self.backend, self.params)
+            self._server.start()
+            vdpa.add(self.name)
+            self._added = True
+            sysfs.bind(self.name, self.driver)
+            self.device_path = sysfs.wait_block_device(self.name)
+        except BaseException:
+            self._teardown()
+            raise
+        log.info("%s: serving %s", self.name, self.device_path)
+        return self.device_path
+
+    @property
+    def server(self) -> BlockServer | None:
+        return self._server
+
+    def in_use(self) -> list[str]:
+        if self.device_path is None:
+            return []
+        return sysfs.block_in_use(self.device_path.name)
+
+    def stop(self, force: bool = False) -> None:
+        """Tears the device down; refuses while the block device is mounted or held."""
+        reasons = [] if force else self.in_use()
+        if reasons:
+            raise DeviceBusy(f"{self.device_path} is in use: {', '.join(reasons)}")
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._added:
+            VdpaClient().delete(self.name)
+            self._added = False
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._device is not None:
+            self._device.close()
+            self._device = None
+        if self._created:
+            with VduseControl() as control:
+                control.destroy(self.name)
+            self._created = False
+        self.device_path = None

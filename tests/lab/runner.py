@@ -1,0 +1,197 @@
+"""Boot the lab guest, run one shell command inside as root, return its exit code and output.
+
+Usage: python -m tests.lab.runner [--timeout S] [--memory MiB] -- COMMAND...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.lab.kernel import REPO, cache_dir, find_kernel
+
+GUEST_INIT = Path(__file__).resolve().parent / "guest-init.sh"
+GUEST_PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-storage-daemon": "qemu-system-common",
+    "mkfs.ext4": "e2fsprogs",
+    "mkfs.xfs": "xfsprogs",
+    "fio": "fio",
+    "vdpa": "iproute2",
+    "blkid": "util-linux",
+}
+VOLATILE_ROOTS = ("/tmp", "/run")
+
+
+@dataclass
+class LabResult:
+    returncode: int
+    output: str
+    console: str
+
+
+def ensure_host_tools() -> None:
+    """Install the Debian packages the lab and the tests inside it need, if missing."""
+    missing = sorted({pkg for tool, pkg in GUEST_PACKAGES.items() if not _which(tool)})
+    if not missing:
+        return
+    print(f"lab: installing {' '.join(missing)}", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def _which(tool: str) -> str | None:
+    return shutil.which(tool, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def _keep_paths(paths: list[str]) -> list[str]:
+    """Host paths under the guest's tmpfs mounts that must stay visible inside."""
+    keep = []
+    for p in paths:
+        real = os.path.realpath(p)
+        if any(real == r or real.startswith(r + "/") for r in VOLATILE_ROOTS):
+            keep.append(real)
+    return sorted(set(keep))
+
+
+def _env_script(cwd: str, extra_env: dict[str, str]) -> str:
+    python_dir = str(Path(sys.executable).parent)
+    path = f"{python_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    keep = _keep_paths([str(REPO), cwd, sys.prefix, sys.base_prefix, python_dir])
+    env = {
+        "PATH": path,
+        "HOME": "/root",
+        "TMPDIR": "/tmp",
+        "LAB_CWD": cwd,
+        "LAB_KEEP": " ".join(keep),
+        "LAB_SCRATCH": "/run/scratch",
+        "CSI_VDUSE_IN_LAB": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **extra_env,
+    }
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
+def run(
+    command: str,
+    *,
+    timeout: float = 1800,
+    memory_mib: int = 4096,
+    scratch_gib: int = 16,
+    cwd: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    stream: bool = True,
+) -> LabResult:
+    """Run `command` (a shell command line) in a fresh lab guest."""
+    ensure_host_tools()
+    kernel = find_kernel()
+    qemu = _which("qemu-system-x86_64")
+    if qemu is None:
+        raise RuntimeError("qemu-system-x86_64 is missing after install")
+    workroot = cache_dir() / "runs"
+    workroot.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workroot) as tmp:
+        work = Path(tmp)
+        share = work / "share"
+        share.mkdir()
+        (share / "env.sh").write_text(_env_script(cwd or os.getcwd(), extra_env or {}))
+        (share / "command.sh").write_text(command + "\n")
+        output = share / "output.log"
+        output.touch()
+        console = work / "console.log"
+        scratch = work / "scratch.img"
+        with open(scratch, "wb") as f:
+            f.truncate(scratch_gib << 30)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,nodiscard", str(scratch)],
+            check=True,
+        )
+        accel = os.environ.get("CSI_VDUSE_LAB_ACCEL", "tcg,thread=multi")
+        cmdline = (
+            "console=ttyS0 loglevel=4 panic=-1 root=rootfs rootfstype=9p "
+            "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro "
+            f"init={GUEST_INIT}"
+        )
+        argv = [
+            qemu, "-machine", "q35", "-accel", accel, "-cpu", "max",
+            "-smp", str(os.environ.get("CSI_VDUSE_LAB_CPUS", "2")), "-m", str(memory_mib),
+            "-display", "none", "-monitor", "none", "-no-reboot",
+            "-serial", f"file:{console}",
+            "-kernel", str(kernel), "-append", cmdline,
+            "-virtfs", "local,path=/,mount_tag=rootfs,security_model=none,readonly=on,multidevs=remap",
+            "-virtfs", f"local,path={share},mount_tag=labshare,security_model=none",
+            "-device", "virtio-scsi-pci,id=scsi0",
+            "-drive", f"if=none,id=scratch,file={scratch},format=raw,cache=unsafe,discard=unmap",
+            "-device", "scsi-hd,drive=scratch,bus=scsi0.0",
+        ]  # fmt: skip
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        printed = 0
+        timed_out = False
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                timed_out = True
+                break
+            time.sleep(0.5)
+            if stream:
+                printed = _stream_new(output, printed)
+        proc.wait()
+        qemu_out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        if stream:
+            _stream_new(output, printed)
+        text = output.read_text(errors="replace")
+        console_text = console.read_text(errors="replace") if console.exists() else ""
+        rc_file = share / "rc"
+        if timed_out:
+            rc = 124
+            text += f"\nlab: timed out after {timeout:.0f}s\n"
+        elif rc_file.exists() and rc_file.read_text().strip():
+            rc = int(rc_file.read_text().strip())
+        else:
+            rc = 125
+            text += "\nlab: the guest ended without an exit code\n"
+        if rc >= 124:
+            tail = "\n".join(console_text.splitlines()[-40:])
+            text += f"lab: qemu said:\n{qemu_out}\nlab: console tail:\n{tail}\n"
+            if stream:
+                print(text[len(text) - len(tail) - len(qemu_out) - 60 :], flush=True)
+        return LabResult(rc, text, console_text)
+
+
+def _stream_new(path: Path, printed: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(printed)
+        chunk = f.read()
+    if chunk:
+        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+    return printed + len(chunk)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.lab.runner", description=__doc__)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--memory", type=int, default=4096, help="guest memory in MiB")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    words = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not words:
+        parser.error("give a command to run inside the lab")
+    result = run(shlex.join(words), timeout=args.timeout, memory_mib=args.memory)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
