@@ -204,9 +204,19 @@ ffibuilder.set_source(
     #include "dataplane.h"
     """,
     sources=[str(p.relative_to(PKG.parent)) for p in SOURCES],
-    include_dirs=[str(KERNEL_NATIVE.relative_to(PKG.parent)), str(DATAPLANE_NATIVE.relative_to(PKG.parent))],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                        "-D_GNU_SOURCE", "-pthread"],
+    include_dirs=[
+        str(KERNEL_NATIVE.relative_to(PKG.parent)),
+        str(DATAPLANE_NATIVE.relative_to(PKG.parent)),
+    ],
+    extra_compile_args=[
+        "-O2",
+        "-std=gnu11",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unused-parameter",
+        "-D_GNU_SOURCE",
+        "-pthread",
+    ],
     extra_link_args=["-pthread"],
 )
 

@@ -49,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from csi_vduse.lifecycle.export import ExportOptions, run_export
 
-            opts = ExportOptions(
-                file=args.file, name=args.name, size=args.size, queues=args.queues,
-                queue_size=args.queue_size, readonly=args.readonly,
-            )  # fmt: skip
+            fields = ("file", "name", "size", "queues", "queue_size", "readonly")
+            opts = ExportOptions.model_validate({f: getattr(args, f) for f in fields})
             return run_export(opts)
         if args.command == "doctor":
             from csi_vduse.doctor import run_doctor

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +57,22 @@ def run_checks() -> list[Check]:
         detail = f"management devices: {', '.join(names) or 'none'}"
     except OSError as e:
         ok, detail = False, f"vdpa netlink: {e.strerror or e}"
-    checks.append(Check("vduse vdpa management device", ok, detail,
-                        "modprobe vduse; run in the host network namespace (hostNetwork)"))
+    checks.append(
+        Check(
+            "vduse vdpa management device",
+            ok,
+            detail,
+            "modprobe vduse; run in the host network namespace (hostNetwork)",
+        )
+    )
     caps = _effective_caps()
     for cap, label in ((CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")):
         has = bool(caps & (1 << cap))
-        checks.append(Check(label, has, "held" if has else "missing",
-                            "run as root, or privileged in Kubernetes"))
+        checks.append(
+            Check(
+                label, has, "held" if has else "missing", "run as root, or privileged in Kubernetes"
+            )
+        )
     return checks
 
 

@@ -36,7 +36,9 @@ class FileBackend(Backend):
             fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except FileNotFoundError:
             if readonly:
-                raise BackendError(f"{path} does not exist (a read-only export needs data)") from None
+                raise BackendError(
+                    f"{path} does not exist (a read-only export needs data)"
+                ) from None
             if size is None:
                 raise BackendError(f"{path} does not exist: give --size to create it") from None
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -52,9 +54,7 @@ class FileBackend(Backend):
             if size is None:
                 size = current
             elif size < current:
-                raise BackendError(
-                    f"{path} holds {current} bytes; refusing to shrink it to {size}"
-                )
+                raise BackendError(f"{path} holds {current} bytes; refusing to shrink it to {size}")
             elif size > current:
                 if readonly:
                     raise BackendError(f"{path} is {current} bytes; cannot grow a read-only file")

@@ -25,7 +25,7 @@ class BlkParams:
 
     @property
     def seg_max(self) -> int:
-        return min(self.queue_size, lib.DP_MAX_SEGS) - 2
+        return int(min(self.queue_size, lib.DP_MAX_SEGS)) - 2
 
 
 def features(p: BlkParams) -> int:

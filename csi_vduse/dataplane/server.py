@@ -92,6 +92,11 @@ class BlockServer:
                     totals[name] += getattr(q.native.stats, name)
         return totals
 
+    def queue_requests(self) -> list[int]:
+        """Requests completed by each running queue."""
+        with self._lock:
+            return [int(q.native.vq.used_idx) for q in self._queues]
+
     def resize(self, size: int) -> None:
         """Publishes a new capacity: data plane bound first, then config space and IRQ."""
         self._blk.capacity = size // SECTOR
@@ -189,7 +194,9 @@ class BlockServer:
             try:
                 self.device.vq_set_kickfd(q.index, -1)
             except OSError as e:
-                log.warning("%s: cannot detach kick eventfd of queue %d: %s", self.device.name, q.index, e)
+                log.warning(
+                    "%s: cannot detach kick eventfd of queue %d: %s", self.device.name, q.index, e
+                )
             os.close(q.kick_fd)
         os.close(self._queue_stop_fd)
         self._queue_stop_fd = -1

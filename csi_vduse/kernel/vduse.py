@@ -138,7 +138,12 @@ class VduseDevice:
         out = ffi.new("struct vk_vq_info *")
         _check(lib.vk_vq_get_info(self.fd, index, out), f"VDUSE_VQ_GET_INFO {index}")
         return VqInfo(
-            out.num, out.desc_addr, out.driver_addr, out.device_addr, out.avail_index, bool(out.ready)
+            out.num,
+            out.desc_addr,
+            out.driver_addr,
+            out.device_addr,
+            out.avail_index,
+            bool(out.ready),
         )
 
     def vq_set_kickfd(self, index: int, fd: int) -> None:

@@ -56,7 +56,9 @@ class Attachment:
                     )  # fmt: skip
                 except VduseError as e:
                     if e.errno == 17:  # EEXIST
-                        raise AttachError(f"a VDUSE device named {self.name} already exists") from None
+                        raise AttachError(
+                            f"a VDUSE device named {self.name} already exists"
+                        ) from None
                     raise
             self._created = True
             self._device = VduseDevice(self.name)

@@ -29,6 +29,7 @@ GUEST_PACKAGES = {
     "blkid": "util-linux",
 }
 VOLATILE_ROOTS = ("/tmp", "/run")
+ROOT_SHARE_OPTS = "security_model=none,readonly=on,multidevs=remap"
 
 
 @dataclass
@@ -128,7 +129,7 @@ def run(
             "-display", "none", "-monitor", "none", "-no-reboot",
             "-serial", f"file:{console}",
             "-kernel", str(kernel), "-append", cmdline,
-            "-virtfs", "local,path=/,mount_tag=rootfs,security_model=none,readonly=on,multidevs=remap",
+            "-virtfs", f"local,path=/,mount_tag=rootfs,{ROOT_SHARE_OPTS}",
             "-virtfs", f"local,path={share},mount_tag=labshare,security_model=none",
             "-device", "virtio-scsi-pci,id=scsi0",
             "-drive", f"if=none,id=scratch,file={scratch},format=raw,cache=unsafe,discard=unmap",

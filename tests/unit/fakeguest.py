@@ -1,0 +1,201 @@
+"""A fake virtio driver: split rings and buffers in an arena fenced by PROT_NONE pages,
+so that any access by the data plane outside the arena kills the test process."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from csi_vduse._native import ffi, lib
+
+PAGE = mmap.PAGESIZE
+PROT_NONE = 0
+IOVA_BASE = 0x10_0000
+DESC = struct.Struct("<QIHH")
+NEXT, WRITE, INDIRECT = lib.VRING_DESC_F_NEXT, lib.VRING_DESC_F_WRITE, lib.VRING_DESC_F_INDIRECT
+OUTHDR = struct.Struct("<IIQ")
+RANGE = struct.Struct("<QII")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+@dataclass(frozen=True)
+class Buf:
+    iova: int
+    len: int
+    write: bool = False
+
+
+class Arena:
+    def __init__(self, pages: int) -> None:
+        self.size = pages * PAGE
+        self._map = mmap.mmap(-1, self.size + 2 * PAGE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        for guard in (base, base + PAGE + self.size):
+            if _libc.mprotect(guard, PAGE, PROT_NONE) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect")
+        self.va = base + PAGE
+        self.mem = memoryview(self._map)[PAGE : PAGE + self.size]
+        self._heap = 0
+
+    def alloc(self, n: int, align: int = 16) -> int:
+        self._heap = (self._heap + align - 1) // align * align
+        off = self._heap
+        self._heap += n
+        if self._heap > self.size:
+            raise MemoryError("arena full")
+        return IOVA_BASE + off
+
+    def off(self, iova: int) -> int:
+        return iova - IOVA_BASE
+
+    def write(self, iova: int, data: bytes) -> None:
+        o = self.off(iova)
+        self.mem[o : o + len(data)] = data
+
+    def read(self, iova: int, n: int) -> bytes:
+        o = self.off(iova)
+        return bytes(self.mem[o : o + n])
+
+    def snapshot(self) -> bytes:
+        return bytes(self.mem)
+
+
+class FakeGuest:
+    """Driver side of one split virtqueue."""
+
+    def __init__(self, num: int = 16, pages: int = 256) -> None:
+        self.num = num
+        self.arena = Arena(pages)
+        self.desc = self.arena.alloc(16 * num, PAGE)
+        self.avail = self.arena.alloc(6 + 2 * num, 2)
+        self.used = self.arena.alloc(6 + 8 * num, PAGE)
+        self.next_desc = 0
+        self.avail_idx = 0
+        self.used_seen = 0
+
+    def set_desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
+        self.arena.write(self.desc + 16 * i, DESC.pack(addr, length, flags, nxt))
+
+    def publish(self, head: int) -> None:
+        self.arena.write(self.avail + 4 + 2 * (self.avail_idx % self.num), struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.arena.write(self.avail + 2, struct.pack("<H", self.avail_idx))
+
+    def submit(self, bufs: Sequence[Buf]) -> int:
+        """Places a chain in consecutive descriptors and makes it available."""
+        head = self.next_desc
+        for k, b in enumerate(bufs):
+            i = (head + k) % self.num
+            last = k == len(bufs) - 1
+            flags = (WRITE if b.write else 0) | (0 if last else NEXT)
+            self.set_desc(i, b.iova, b.len, flags, (i + 1) % self.num)
+        self.next_desc = (head + len(bufs)) % self.num
+        self.publish(head)
+        return head
+
+    def submit_indirect(self, bufs: Sequence[Buf]) -> int:
+        table = self.arena.alloc(16 * len(bufs))
+        for k, b in enumerate(bufs):
+            last = k == len(bufs) - 1
+            flags = (WRITE if b.write else 0) | (0 if last else NEXT)
+            self.arena.write(table + 16 * k, DESC.pack(b.iova, b.len, flags, k + 1))
+        head = self.next_desc
+        self.set_desc(head, table, 16 * len(bufs), INDIRECT, 0)
+        self.next_desc = (head + 1) % self.num
+        self.publish(head)
+        return head
+
+    def used_idx(self) -> int:
+        return int(struct.unpack("<H", self.arena.read(self.used + 2, 2))[0])
+
+    def reap(self) -> list[tuple[int, int]]:
+        out = []
+        while self.used_seen != self.used_idx():
+            slot = self.used + 4 + 8 * (self.used_seen % self.num)
+            out.append(struct.unpack("<II", self.arena.read(slot, 8)))
+            self.used_seen = (self.used_seen + 1) & 0xFFFF
+        return out
+
+    def set_used_event(self, value: int) -> None:
+        self.arena.write(self.avail + 4 + 2 * self.num, struct.pack("<H", value))
+
+    def avail_event(self) -> int:
+        return int(struct.unpack("<H", self.arena.read(self.used + 4 + 8 * self.num, 2))[0])
+
+    # virtio-blk request helpers
+    def blk_request(
+        self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, indirect: bool = False
+    ) -> tuple[int, int, int]:
+        """Returns (head, data-in iova, status iova)."""
+        hdr = self.arena.alloc(OUTHDR.size)
+        self.arena.write(hdr, OUTHDR.pack(rtype, 0, sector))
+        bufs = [Buf(hdr, OUTHDR.size)]
+        if out:
+            data = self.arena.alloc(len(out))
+            self.arena.write(data, out)
+            bufs.append(Buf(data, len(out)))
+        din = 0
+        if in_len:
+            din = self.arena.alloc(in_len)
+            bufs.append(Buf(din, in_len, write=True))
+        status = self.arena.alloc(1)
+        self.arena.write(status, b"\xee")
+        bufs.append(Buf(status, 1, write=True))
+        head = self.submit_indirect(bufs) if indirect else self.submit(bufs)
+        return head, din, status
+
+
+class Device:
+    """The real C data plane (one queue) over a FakeGuest and a temporary file."""
+
+    def __init__(
+        self, guest: FakeGuest, size: int = 1 << 20, event_idx: bool = False,
+        readonly: bool = False, serial: bytes = b"unit-serial",
+    ) -> None:  # fmt: skip
+        self.guest = guest
+        self.file = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the device)
+        os.ftruncate(self.file.fileno(), size)
+        self.tlb = ffi.new("struct dp_iotlb *")
+        assert lib.dp_iotlb_init(self.tlb, -1) == 0
+        perm = lib.DP_PERM_READ | lib.DP_PERM_WRITE
+        va = ffi.cast("uint8_t *", guest.arena.va)
+        assert (
+            lib.dp_iotlb_add(self.tlb, IOVA_BASE, IOVA_BASE + guest.arena.size - 1, va, perm) == 0
+        )
+        self.blk = ffi.new("struct dp_blk *")
+        self.blk.ops = ffi.addressof(lib.dp_file_ops)
+        self.blk.ctx = ffi.cast("void *", self.file.fileno())
+        self.blk.capacity = size // 512
+        self.blk.readonly = readonly
+        self.blk.max_discard_sectors = self.blk.max_write_zeroes_sectors = 1 << 16
+        self.blk.max_discard_seg = self.blk.max_write_zeroes_seg = 4
+        ffi.memmove(self.blk.serial, serial, len(serial))
+        q = lib.dp_queue_new(0, -1, -1, -1, self.blk, self.tlb)
+        self.q: Any = ffi.gc(q, lib.dp_queue_free)
+        lib.dp_vq_init(ffi.addressof(self.q.vq), self.tlb, guest.num, guest.desc, guest.avail,
+                       guest.used, 0, event_idx)  # fmt: skip
+
+    def process(self) -> int:
+        return int(lib.dp_queue_process(self.q))
+
+    @property
+    def interrupts(self) -> int:
+        return int(self.q.interrupts)
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.q.vq.broken)
+
+    def file_read(self, offset: int, n: int) -> bytes:
+        return os.pread(self.file.fileno(), n, offset)
+
+    def file_write(self, offset: int, data: bytes) -> None:
+        os.pwrite(self.file.fileno(), data, offset)
