@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from pydantic import ValidationError
 
-from csi_vduse import __version__
+from csi_vduse import __version__, logs
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -36,16 +35,39 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--readonly", action="store_true")
 
     sub.add_parser("doctor", help="check whether this host can serve VDUSE devices")
+
+    serve = sub.add_parser(
+        "serve", help="run the CSI driver",
+        epilog="Every flag can also be set by environment variable: CSI_VDUSE_<FLAG> "
+        "(upper case, '-' as '_'), e.g. CSI_VDUSE_NODE_ID. Flags win over the environment.",
+    )  # fmt: skip
+    serve.add_argument(
+        "--endpoint", help="unix:///PATH of the CSI socket (default unix:///csi/csi.sock)"
+    )
+    serve.add_argument("--node-id", help="this node's name (required; CSI_VDUSE_NODE_ID)")
+    serve.add_argument("--driver-name", help="CSI driver name (default vduse.csi.dev)")
+    serve.add_argument("--state-dir", help="staging state, on the host (default /run/csi-vduse)")
+    serve.add_argument("--data-dir", help="volume images (default /var/lib/csi-vduse)")
+    serve.add_argument("--components", help="comma list of identity,controller,node (default all)")
+    serve.add_argument("--max-volumes", type=int, help="volumes this node serves at most (64)")
+    serve.add_argument("--log-format", help="json (default) or text")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )  # fmt: skip
+    logs.setup(args.log_level, getattr(args, "log_format", None) or "text")
     try:
+        if args.command == "serve":
+            from csi_vduse.config import ServeConfig
+            from csi_vduse.csi.server import serve
+
+            flags = ("endpoint", "node_id", "driver_name", "state_dir", "data_dir",
+                     "components", "max_volumes", "log_format")  # fmt: skip
+            given = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
+            config = ServeConfig(**given, log_level=args.log_level)
+            logs.setup(config.log_level, config.log_format)
+            return serve(config)
         if args.command == "export":
             from csi_vduse.lifecycle.export import ExportOptions, run_export
 

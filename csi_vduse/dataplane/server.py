@@ -69,7 +69,13 @@ class BlockServer:
         )
         self.broken = False
 
-    def start(self) -> None:
+    def start(self, resume: bool = False) -> None:
+        """Starts answering the kernel. With `resume`, queues the driver already runs
+        (a device whose previous server died) are served again first."""
+        if resume:
+            self._start_queues(resume=True)
+            for q in self._queues:
+                self.device.inject_irq(q.index)  # completions the old server never signalled
         self._thread.start()
 
     def stop(self) -> None:
@@ -150,7 +156,7 @@ class BlockServer:
                     return int(q.native.vq.last_avail_idx)
         return self._last_avail.get(index, 0)
 
-    def _start_queues(self) -> None:
+    def _start_queues(self, resume: bool = False) -> None:
         event_idx = bool(self.device.features() & (1 << lib.VIRTIO_RING_F_EVENT_IDX))
         self._queue_stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         for index in range(self.params.queues):
@@ -170,6 +176,9 @@ class BlockServer:
                 ffi.addressof(native.vq), self._tlb, info.num, info.desc_addr,
                 info.driver_addr, info.device_addr, info.avail_index, event_idx,
             )  # fmt: skip
+            if resume and lib.dp_queue_resume(native) != 0:
+                os.close(kick_fd)
+                raise OSError(f"{self.device.name}: queue {index} rings cannot be mapped")
             thread = threading.Thread(
                 target=lib.dp_queue_run, args=(native,),
                 name=f"vduse-{self.device.name}-q{index}", daemon=True,

@@ -149,6 +149,9 @@ class VduseDevice:
     def vq_set_kickfd(self, index: int, fd: int) -> None:
         _check(lib.vk_vq_setup_kickfd(self.fd, index, fd), f"VDUSE_VQ_SETUP_KICKFD {index}")
 
+    def inject_irq(self, index: int) -> None:
+        _check(lib.vk_vq_inject_irq(self.fd, index), f"VDUSE_VQ_INJECT_IRQ {index}")
+
     def read_request(self) -> Request | None:
         out = ffi.new("struct vk_request *")
         ret = lib.vk_read_request(self.fd, out)

@@ -76,6 +76,33 @@ class Attachment:
         log.info("%s: serving %s", self.name, self.device_path)
         return self.device_path
 
+    def reattach(self) -> Path:
+        """Serves a device left by a previous process (it died or was upgraded): the
+        kernel kept the device, the vdpa device and /dev/vdX; in-flight requests resume."""
+        vdpa = VdpaClient()
+        self._created = True
+        try:
+            self._device = VduseDevice(self.name)
+            self._server = BlockServer(self._device, self.backend, self.params)
+            self._server.start(resume=True)
+            if vdpa.get(self.name) is None:
+                vdpa.add(self.name)
+            self._added = True
+            sysfs.bind(self.name, self.driver)
+            self.device_path = sysfs.wait_block_device(self.name)
+        except BaseException:
+            self._created = False  # not ours to destroy on a failed re-attach
+            if self._server is not None:
+                self._server.stop()
+                self._server = None
+            if self._device is not None:
+                self._device.close()
+                self._device = None
+            self._added = False
+            raise
+        log.info("%s: re-attached, serving %s", self.name, self.device_path)
+        return self.device_path
+
     @property
     def server(self) -> BlockServer | None:
         return self._server

@@ -279,3 +279,21 @@ def test_avail_index_jumping_past_the_ring_breaks_the_queue(guest: FakeGuest) ->
     guest.arena.write(guest.avail + 2, struct.pack("<H", guest.num + 1))
     assert dev.process() == -1
     assert dev.broken
+
+
+def test_a_new_server_resumes_from_the_used_ring(guest: FakeGuest) -> None:
+    first = Device(guest)
+    for _ in range(3):
+        guest.blk_request(T_FLUSH)
+    assert first.process() == 3
+    payload = os.urandom(512)
+    _, _, st = guest.blk_request(T_OUT, sector=1, out=payload)  # arrives while no one serves
+    second = Device(guest)
+    second.file = first.file
+    second.blk.ctx = first.blk.ctx
+    assert lib.dp_queue_resume(second.q) == 0
+    assert second.q.vq.last_avail_idx == 3
+    assert second.process() == 1
+    assert status(guest, st) == OK
+    assert first.file_read(512, 512) == payload
+    assert [u[0] for u in guest.reap()] == [0, 2, 4, 6]  # descriptor heads, in order

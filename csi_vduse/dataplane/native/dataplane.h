@@ -147,6 +147,7 @@ struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_
                               struct dp_blk *blk, struct dp_iotlb *tlb);
 void dp_queue_free(struct dp_queue *q);
 int dp_queue_process(struct dp_queue *q);
+int dp_queue_resume(struct dp_queue *q);
 int dp_queue_run(struct dp_queue *q);
 
 /* file_backend.c */

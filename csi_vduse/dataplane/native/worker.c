@@ -73,6 +73,32 @@ int dp_queue_process(struct dp_queue *q)
     return vq->broken ? -1 : done;
 }
 
+/* Re-attach after the previous server died. Each queue completes requests in order
+ * and publishes used->idx per request, so the used ring is the durable progress:
+ * everything past used->idx was at most in flight and is executed again (re-running
+ * a block read, write or flush is safe). Returns 0 or a DP_POP_* error. */
+int dp_queue_resume(struct dp_queue *q)
+{
+    struct dp_vq *vq = &q->vq;
+    int r;
+
+    pthread_rwlock_rdlock(&vq->tlb->lock);
+    while ((r = dp_vq_map_rings(vq)) == DP_POP_FAULT) {
+        pthread_rwlock_unlock(&vq->tlb->lock);
+        if (dp_iotlb_fault(vq->tlb, vq->fault_iova) < 0)
+            vq->fault_final = true;
+        pthread_rwlock_rdlock(&vq->tlb->lock);
+    }
+    if (r == 0) {
+        uint16_t used = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+        vq->last_avail_idx = vq->used_idx = used;
+        vq->signalled_used_valid = false;
+    }
+    vq->fault_final = false;
+    pthread_rwlock_unlock(&vq->tlb->lock);
+    return r;
+}
+
 int dp_queue_run(struct dp_queue *q)
 {
     struct pollfd fds[2] = {{.fd = q->kick_fd, .events = POLLIN},

@@ -1,0 +1,1 @@
+"""Container Storage Interface (CSI) protocol support."""

@@ -1,0 +1,107 @@
+"""`csi-vduse serve`: the CSI services on a Unix socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from csi_vduse.config import ServeConfig
+from csi_vduse.csi.controller import ControllerService
+from csi_vduse.csi.identity import IdentityService
+from csi_vduse.csi.node import NodeService
+from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
+from csi_vduse.lifecycle.locks import VolumeLocks
+from csi_vduse.lifecycle.node import NodeVolumes
+from csi_vduse.lifecycle.provisioning import Provisioner
+from csi_vduse.state.staging import StagingStore
+
+log = logging.getLogger(__name__)
+
+
+class EndpointInUse(RuntimeError):
+    pass
+
+
+def prepare_socket(path: Path) -> None:
+    """Removes a stale socket; refuses to touch a live one or anything that is not a socket."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise EndpointInUse(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise EndpointInUse(f"another server is listening on {path}")
+
+
+class Driver:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.locks = VolumeLocks()
+        self.node: NodeVolumes | None = None
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        rpc_pb.add_IdentityServicer_to_server(IdentityService(config), self.server)
+        if "node" in config.components:
+            self.node = NodeVolumes(config.data_dir, config.state_dir, self.locks,
+                                    config.max_volumes)  # fmt: skip
+            rpc_pb.add_NodeServicer_to_server(NodeService(config, self.node), self.server)
+        if "controller" in config.components:
+            staging = StagingStore(config.state_dir)
+            provisioner = Provisioner(config.data_dir, staging, self.locks)
+            service = ControllerService(config, provisioner, self.node)
+            rpc_pb.add_ControllerServicer_to_server(service, self.server)
+
+    def start(self) -> None:
+        for d in (self.config.state_dir, self.config.data_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.node is not None:
+            self.node.recover()
+        path = self.config.socket_path
+        prepare_socket(path)
+        old = os.umask(0o177)
+        try:
+            self.server.add_insecure_port(f"unix://{path}")
+            self.server.start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        log.info("serving CSI on %s", path, extra={
+            "driver": self.config.driver_name, "node": self.config.node_id,
+            "components": ",".join(self.config.components),
+        })  # fmt: skip
+
+    def stop(self) -> None:
+        """Stops answering; staged volumes stay (their kernel devices outlive us)."""
+        self.server.stop(grace=5).wait()
+        if self.node is not None:
+            self.node.shutdown()
+        self.config.socket_path.unlink(missing_ok=True)
+
+
+def serve(config: ServeConfig) -> int:
+    driver = Driver(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    driver.start()
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping: volumes stay staged")
+    driver.stop()
+    return 0

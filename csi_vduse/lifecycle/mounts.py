@@ -1,0 +1,151 @@
+"""Mounts, file systems and openers of block devices, through the util-linux tools."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPPORTED_FS = ("ext4", "xfs")
+DEFAULT_FS = "ext4"
+MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
+    "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
+}
+
+
+class MountError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    major_minor: str
+    root: str
+    target: str
+    options: str
+    fs_type: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mounts() -> list[MountEntry]:
+    entries = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            entries.append(MountEntry(
+                fields[2], _unescape(fields[3]), _unescape(fields[4]), fields[5],
+                tail[0], _unescape(tail[1]) if len(tail) > 1 else "",
+            ))  # fmt: skip
+    return entries
+
+
+def mount_at(target: Path) -> MountEntry | None:
+    real = os.path.realpath(target)
+    found = None
+    for entry in mounts():
+        if entry.target == real:
+            found = entry  # the last one is on top
+    return found
+
+
+def device_number(device: Path) -> str:
+    st = os.stat(device)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise MountError(
+            f"{' '.join(argv[:2])} failed: {detail[-1] if detail else result.returncode}"
+        )
+    return result
+
+
+def probe_fs(device: Path) -> str | None:
+    """The file system type on `device`, or None when it holds no signature at all.
+    Any other failure is an error, never "empty": formatting on a guess loses data."""
+    result = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "TYPE", str(device)], capture_output=True, text=True
+    )
+    if result.returncode == 0:
+        return result.stdout.strip() or None
+    if result.returncode == 2:
+        return None
+    raise MountError(f"blkid could not read {device}: {result.stderr.strip() or result.returncode}")
+
+
+def mkfs(device: Path, fs_type: str) -> None:
+    _run([*MKFS[fs_type], str(device)])
+
+
+def mount(source: Path, target: Path, fs_type: str | None, options: list[str]) -> None:
+    argv = ["mount"]
+    if fs_type:
+        argv += ["-t", fs_type]
+    if options:
+        argv += ["-o", ",".join(options)]
+    _run([*argv, str(source), str(target)])
+
+
+def bind_mount(source: Path, target: Path, readonly: bool) -> None:
+    _run(["mount", "--bind", str(source), str(target)])
+    if readonly:
+        _run(["mount", "-o", "remount,bind,ro", str(target)])
+
+
+def umount(target: Path) -> None:
+    _run(["umount", str(target)])
+
+
+def grow_fs(device: Path, mountpoint: Path, fs_type: str) -> None:
+    if fs_type == "xfs":
+        _run(["xfs_growfs", str(mountpoint)])
+    else:
+        _run(["resize2fs", str(device)])
+
+
+def openers(device: Path) -> list[str]:
+    """Processes holding `device` open (needs the host PID namespace to see them all)."""
+    real = os.path.realpath(device)
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == real:
+                    comm = (proc / "comm").read_text().strip()
+                    found.append(f"{comm} (pid {proc.name})")
+                    break
+        except OSError:
+            continue
+    return found
+
+
+def users(device: Path, ignore_targets: frozenset[str] = frozenset()) -> list[str]:
+    """Why `device` must not go away: mounts (other than `ignore_targets`), the device node
+    bind-mounted somewhere (a published block volume), holders, openers."""
+    reasons: list[str] = []
+    if not device.exists():
+        return reasons
+    number = device_number(device)
+    for entry in mounts():
+        if entry.target in ignore_targets:
+            continue
+        if entry.major_minor == number:
+            reasons.append(f"mounted at {entry.target}")
+        elif entry.fs_type == "devtmpfs" and entry.root == f"/{device.name}":
+            reasons.append(f"bind-mounted at {entry.target}")
+    holders = Path("/sys/class/block") / device.name / "holders"
+    reasons += [f"held by {h.name}" for h in holders.glob("*")]
+    reasons += [f"open by {who}" for who in openers(device)]
+    return reasons

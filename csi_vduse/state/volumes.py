@@ -1,0 +1,105 @@
+"""Volumes on this node: `<data dir>/volumes/<id>.img` and its record `<id>.json`.
+
+The record is what says whether the volume was ever formatted: a volume is formatted
+only when it holds no file system *and* its record says it never was."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from csi_vduse.state.atomic import fsync_dir, remove_durably, write_atomic
+
+ID_PREFIX = "vduse-"
+_ID = re.compile(r"^vduse-[0-9a-f]{40}$")
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_ID_BYTES = 128
+
+
+class InvalidId(ValueError):
+    pass
+
+
+def volume_id_for(name: str) -> str:
+    """Deterministic, so that CreateVolume is idempotent by name across crashes."""
+    return ID_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+def check_volume_id(volume_id: str) -> bool:
+    """True for one of our ids; False for a harmless id that cannot be ours.
+    Raises InvalidId for an id that is empty, too long, or could name another path."""
+    if not volume_id:
+        raise InvalidId("volume_id is required")
+    if len(volume_id.encode()) > MAX_ID_BYTES:
+        raise InvalidId(f"volume_id is longer than {MAX_ID_BYTES} bytes")
+    if not _SAFE.match(volume_id):
+        raise InvalidId(f"volume_id {volume_id!r} holds characters other than [A-Za-z0-9._-]")
+    return bool(_ID.match(volume_id))
+
+
+class VolumeParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    queues: int = 1
+    queue_size: int = 256
+
+
+class VolumeRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    volume_id: str
+    name: str
+    capacity: int
+    params: VolumeParams = VolumeParams()
+    created_at: float = 0.0
+    formatted: bool = False
+    fs_type: str | None = None
+
+
+class VolumeStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "volumes"
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def image(self, volume_id: str) -> Path:
+        return self.root / f"{volume_id}.img"
+
+    def _record_path(self, volume_id: str) -> Path:
+        return self.root / f"{volume_id}.json"
+
+    def get(self, volume_id: str) -> VolumeRecord | None:
+        if not check_volume_id(volume_id):
+            return None
+        try:
+            return VolumeRecord.model_validate_json(self._record_path(volume_id).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def put(self, record: VolumeRecord) -> None:
+        if not record.created_at:
+            record.created_at = time.time()
+        write_atomic(self._record_path(record.volume_id), record.model_dump_json().encode())
+
+    def delete(self, volume_id: str) -> None:
+        """Image first, record last: a crash in between leaves a record that a retried
+        DeleteVolume finishes."""
+        remove_durably(self.image(volume_id))
+        remove_durably(self._record_path(volume_id))
+
+    def list(self) -> Iterator[VolumeRecord]:
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.glob(f"{ID_PREFIX}*.json")):
+            record = self.get(path.stem)
+            if record is not None:
+                yield record
+
+    def sync(self) -> None:
+        fsync_dir(self.root)

@@ -1,0 +1,90 @@
+"""A CSI client as kubelet and the sidecars use it: real gRPC over the Unix socket."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import grpc
+
+from csi_vduse.csi.proto import csi_pb2 as pb
+from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
+
+Mode = pb.VolumeCapability.AccessMode
+MiB = 1 << 20
+ModeValue: TypeAlias = pb.VolumeCapability.AccessMode.Mode
+
+
+def mount_cap(fs_type: str = "ext4", mode: ModeValue = Mode.SINGLE_NODE_WRITER,
+              flags: tuple[str, ...] = ()) -> pb.VolumeCapability:  # fmt: skip
+    return pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
+        access_mode=Mode(mode=mode),
+    )
+
+
+def block_cap(mode: ModeValue = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    return pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume(), access_mode=Mode(mode=mode))
+
+
+class Plugin:
+    """`csi-vduse serve` in a child process, and stubs to call it."""
+
+    def __init__(self, root: Path, node_id: str = "node-1", components: str = "") -> None:
+        self.root = root
+        self.socket = root / "csi.sock"
+        self.node_id = node_id
+        self.components = components
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "plugin.log"
+        self.start()
+
+    def start(self) -> None:
+        env = dict(os.environ, CSI_VDUSE_NODE_ID=self.node_id)
+        argv = [
+            sys.executable, "-m", "csi_vduse", "serve", f"--endpoint=unix://{self.socket}",
+            f"--state-dir={self.root / 'state'}", f"--data-dir={self.root / 'data'}",
+            "--log-format=json",
+        ]  # fmt: skip
+        if self.components:
+            argv.append(f"--components={self.components}")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 60
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"plugin did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.identity = rpc_pb.IdentityStub(self.channel)
+        self.controller = rpc_pb.ControllerStub(self.channel)
+        self.node = rpc_pb.NodeStub(self.channel)
+
+    def stop(self, sig: int = 15) -> int:
+        assert self.proc is not None
+        self.channel.close()
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+def code_of(call: Callable[[], Any]) -> grpc.StatusCode:
+    """The status code a call ends with (OK when it succeeds)."""
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def error_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
