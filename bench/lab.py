@@ -1,0 +1,184 @@
+"""Runs inside the lab: serves one backing file three ways in turn and runs fio on each.
+
+Prints one JSON document between BEGIN/END markers for the host side (bench.run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from csi_vduse.kernel import sysfs
+from csi_vduse.kernel.vdpa import VdpaClient
+
+BEGIN, END = "=== BENCH JSON BEGIN ===", "=== BENCH JSON END ==="
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+    numjobs: int = 1
+
+
+WORKLOADS = [
+    Workload("randread-4k-qd1", "randread", "4k", 1),
+    Workload("randwrite-4k-qd1", "randwrite", "4k", 1),
+    Workload("randread-4k-qd32", "randread", "4k", 32),
+    Workload("randwrite-4k-qd32", "randwrite", "4k", 32),
+    Workload("read-1m-qd8", "read", "1m", 8),
+    Workload("write-1m-qd8", "write", "1m", 8),
+    Workload("randread-4k-qd32-2jobs", "randread", "4k", 32, 2),
+]
+
+
+@dataclass
+class Served:
+    device: Path
+    pid: int | None  # the server process whose CPU time is charged, if any
+
+
+def _wait_device(name: str) -> Path:
+    sysfs.bind(name, sysfs.VIRTIO_VDPA)
+    return sysfs.wait_block_device(name)
+
+
+@contextmanager
+def serve_csi_vduse(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "csi_vduse", "--log-level=warning", "export", str(image),
+         "--name", "bench-csi-vduse", "--queues", str(queues), "--queue-size", str(queue_size)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line:
+        raise RuntimeError("csi-vduse export did not start")
+    try:
+        yield Served(Path(line), proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@contextmanager
+def serve_qsd(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
+    name = "bench-qsd"
+    proc = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off",
+        "--blockdev", "driver=raw,node-name=disk0,file=file0",
+        "--export", f"type=vduse-blk,id=exp0,node-name=disk0,name={name},"
+                    f"num-queues={queues},queue-size={queue_size},writable=on",
+    ])  # fmt: skip
+    vdpa = VdpaClient()
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"/dev/vduse/{name}").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("qemu-storage-daemon did not create its device")
+            time.sleep(0.05)
+        vdpa.add(name)
+        try:
+            yield Served(_wait_device(name), proc.pid)
+        finally:
+            vdpa.delete(name)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@contextmanager
+def serve_loop(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
+    dev = subprocess.run(["losetup", "--find", "--show", "--direct-io=off", str(image)],
+                         check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    try:
+        yield Served(Path(dev), None)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
+SERVERS = {"csi-vduse": serve_csi_vduse, "qsd": serve_qsd, "loop": serve_loop}
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def run_fio(device: Path, w: Workload, runtime: int, size: str) -> dict[str, float]:
+    argv = [
+        "fio", "--name=bench", f"--filename={device}", "--direct=1", "--ioengine=libaio",
+        f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", f"--numjobs={w.numjobs}",
+        f"--size={size}", "--time_based=1", f"--runtime={runtime}", "--ramp_time=1",
+        "--group_reporting=1", "--output-format=json", "--randrepeat=0", "--norandommap=1",
+    ]  # fmt: skip
+    if w.numjobs > 1:
+        argv.append("--cpus_allowed_policy=split")
+        argv.append("--cpus_allowed=0-1")
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    side = job["read"] if "read" in w.rw else job["write"]
+    clat = side["clat_ns"]
+    return {
+        "iops": side["iops"],
+        "bw_mib": side["bw_bytes"] / (1 << 20),
+        "lat_mean_us": clat["mean"] / 1000,
+        "lat_p99_us": clat.get("percentile", {}).get("99.000000", 0) / 1000,
+        "ios": side["total_ios"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--runtime", type=int, default=6)
+    parser.add_argument("--size", default="1G")
+    parser.add_argument("--queues", type=int, default=2)
+    parser.add_argument("--queue-size", type=int, default=256)
+    parser.add_argument("--workloads", default="", help="comma list of names (default all)")
+    args = parser.parse_args()
+    chosen = [w for w in WORKLOADS if not args.workloads or w.name in args.workloads.split(",")]
+    image = Path(os.environ.get("LAB_SCRATCH", "/run/scratch")) / "bench.img"
+    subprocess.run(["fio", "--name=fill", f"--filename={image}", "--rw=write", "--bs=1m",
+                    f"--size={args.size}", "--ioengine=psync", "--end_fsync=1"],
+                   check=True, capture_output=True)  # fmt: skip
+    order = list(SERVERS)
+    results: list[dict[str, object]] = []
+    for rnd in range(args.rounds):
+        names = order if rnd % 2 == 0 else list(reversed(order))
+        for server in names:
+            with SERVERS[server](image, args.queues, args.queue_size) as served:
+                for w in chosen:
+                    before = cpu_seconds(served.pid)
+                    r = run_fio(served.device, w, args.runtime, args.size)
+                    after = cpu_seconds(served.pid)
+                    cpu = None if before is None or after is None else after - before
+                    r["cpu_us_per_io"] = (
+                        cpu * 1e6 / r["ios"] if cpu is not None and r["ios"] else -1
+                    )
+                    results.append({"round": rnd, "server": server, **asdict(w), **r})
+                    print(f"round {rnd} {server:9} {w.name:24} {r['iops']:9.0f} IOPS "
+                          f"p99 {r['lat_p99_us']:8.1f} us", flush=True)  # fmt: skip
+    doc = {"kernel": os.uname().release, "args": vars(args), "results": results}
+    print(BEGIN)
+    print(json.dumps(doc))
+    print(END)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
