@@ -52,6 +52,7 @@ CDEF = """
 #define VRING_AVAIL_F_NO_INTERRUPT ...
 #define VRING_USED_F_NO_NOTIFY ...
 #define DP_MAX_SEGS ...
+#define DP_BATCH ...
 #define DP_MAX_QUEUE_SIZE ...
 #define DP_PERM_READ ...
 #define DP_PERM_WRITE ...
@@ -158,6 +159,7 @@ struct dp_vq {
 struct dp_queue {
     uint32_t index;
     uint64_t interrupts;
+    uint64_t parallel_batches;
     struct dp_vq vq;
     struct dp_stats stats;
     ...;
@@ -171,7 +173,7 @@ void dp_iotlb_invalidate(struct dp_iotlb *tlb, uint64_t start, uint64_t last);
 void dp_vq_init(struct dp_vq *vq, struct dp_iotlb *tlb, uint16_t num, uint64_t desc,
                 uint64_t avail, uint64_t used, uint16_t last_avail_idx, bool event_idx);
 struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_fd,
-                              struct dp_blk *blk, struct dp_iotlb *tlb);
+                              struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_segs);
 void dp_queue_free(struct dp_queue *q);
 int dp_queue_process(struct dp_queue *q);
 int dp_queue_resume(struct dp_queue *q);

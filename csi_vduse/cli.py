@@ -22,7 +22,7 @@ def _validation_message(e: ValidationError) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csi-vduse", description=__doc__)
     parser.add_argument("--version", action="version", version=f"csi-vduse {__version__}")
-    parser.add_argument("--log-level", default="info",
+    parser.add_argument("--log-level", default=None, help="default info (CSI_VDUSE_LOG_LEVEL)",
                         choices=["debug", "info", "warning", "error"])  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logs.setup(args.log_level, getattr(args, "log_format", None) or "text")
+    logs.setup(args.log_level or "info", getattr(args, "log_format", None) or "text")
     try:
         if args.command == "serve":
             from csi_vduse.config import ServeConfig
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             flags = ("endpoint", "node_id", "driver_name", "state_dir", "data_dir",
                      "components", "max_volumes", "log_format")  # fmt: skip
             given = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
-            config = ServeConfig(**given, log_level=args.log_level)
+            if args.log_level is not None:
+                given["log_level"] = args.log_level
+            config = ServeConfig(**given)
             logs.setup(config.log_level, config.log_format)
             return serve(config)
         if args.command == "export":

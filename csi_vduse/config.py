@@ -53,7 +53,11 @@ class ServeConfig(BaseSettings):
     data_dir: Path = Path("/var/lib/csi-vduse")
     components: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_components)] = COMPONENTS
     max_volumes: Annotated[int, Field(ge=1, le=1024)] = 64
-    log_level: Annotated[str, AfterValidator(lambda v: v.lower())] = "info"
+    log_level: Annotated[
+        str,
+        BeforeValidator(lambda v: str(v).lower()),
+        Field(pattern="^(debug|info|warning|error)$"),
+    ] = "info"
     log_format: Annotated[str, Field(pattern="^(json|text)$")] = "json"
 
     @property

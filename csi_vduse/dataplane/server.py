@@ -166,7 +166,13 @@ class BlockServer:
             kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self.device.vq_set_kickfd(index, kick_fd)
             native = lib.dp_queue_new(
-                index, self.device.fd, kick_fd, self._queue_stop_fd, self._blk, self._tlb
+                index,
+                self.device.fd,
+                kick_fd,
+                self._queue_stop_fd,
+                self._blk,
+                self._tlb,
+                self.params.seg_max + 2,
             )
             if native == ffi.NULL:
                 os.close(kick_fd)

@@ -158,7 +158,7 @@ class Device:
 
     def __init__(
         self, guest: FakeGuest, size: int = 1 << 20, event_idx: bool = False,
-        readonly: bool = False, serial: bytes = b"unit-serial",
+        readonly: bool = False, serial: bytes = b"unit-serial", max_segs: int = 0,
     ) -> None:  # fmt: skip
         self.guest = guest
         self.file = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the device)
@@ -178,7 +178,7 @@ class Device:
         self.blk.max_discard_sectors = self.blk.max_write_zeroes_sectors = 1 << 16
         self.blk.max_discard_seg = self.blk.max_write_zeroes_seg = 4
         ffi.memmove(self.blk.serial, serial, len(serial))
-        q = lib.dp_queue_new(0, -1, -1, -1, self.blk, self.tlb)
+        q = lib.dp_queue_new(0, -1, -1, -1, self.blk, self.tlb, max_segs)
         self.q: Any = ffi.gc(q, lib.dp_queue_free)
         lib.dp_vq_init(ffi.addressof(self.q.vq), self.tlb, guest.num, guest.desc, guest.avail,
                        guest.used, 0, event_idx)  # fmt: skip

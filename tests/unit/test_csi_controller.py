@@ -237,3 +237,22 @@ def test_a_live_socket_is_not_replaced(plugin: Plugin, tmp_path: Path) -> None:
     with pytest.raises(EndpointInUse):
         prepare_socket(not_a_socket)
     assert not_a_socket.read_text() == "x"
+
+
+def test_settings_come_from_the_environment_and_flags_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from csi_vduse.config import ServeConfig
+
+    monkeypatch.setenv("CSI_VDUSE_NODE_ID", "env-node")
+    monkeypatch.setenv("CSI_VDUSE_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("CSI_VDUSE_COMPONENTS", "node, identity")
+    monkeypatch.setenv("CSI_VDUSE_MAX_VOLUMES", "7")
+    config = ServeConfig()  # type: ignore[call-arg]
+    assert (config.node_id, config.log_level, config.components, config.max_volumes) == (
+        "env-node", "debug", ("node", "identity"), 7,
+    )  # fmt: skip
+    assert ServeConfig(node_id="flag-node").node_id == "flag-node"
+    monkeypatch.setenv("CSI_VDUSE_LOG_LEVEL", "loud")
+    with pytest.raises(ValueError, match="log_level"):
+        ServeConfig()  # type: ignore[call-arg]

@@ -297,3 +297,27 @@ def test_a_new_server_resumes_from_the_used_ring(guest: FakeGuest) -> None:
     assert status(guest, st) == OK
     assert first.file_read(512, 512) == payload
     assert [u[0] for u in guest.reap()] == [0, 2, 4, 6]  # descriptor heads, in order
+
+
+def test_large_reads_and_writes_of_a_batch_run_in_parallel_and_complete_in_order() -> None:
+    guest = FakeGuest(num=64, pages=2048)
+    dev = Device(guest, size=8 << 20)
+    chunks = [os.urandom(256 << 10) for _ in range(6)]
+    for k, chunk in enumerate(chunks):
+        dev.file_write(k * len(chunk), chunk)
+    reads = [guest.blk_request(T_IN, sector=k * 512, in_len=256 << 10) for k in range(6)]
+    flush_head, _, flush = guest.blk_request(T_FLUSH)
+    writes = [guest.blk_request(T_OUT, sector=4096 + k * 512, out=c) for k, c in enumerate(chunks)]
+    assert dev.process() == 13
+    assert dev.q.parallel_batches == 2  # the reads, then the writes; the flush alone between
+    heads = [h for h, _, _ in reads] + [flush_head] + [h for h, _, _ in writes]
+    assert [u[0] for u in guest.reap()] == heads  # completed in ring order
+    for (_, din, st), chunk in zip(reads, chunks, strict=True):
+        assert status(guest, st) == OK
+        assert guest.arena.read(din, len(chunk)) == chunk
+    assert status(guest, flush) == OK
+    for (_, _, st), (k, chunk) in zip(writes, enumerate(chunks), strict=True):
+        assert status(guest, st) == OK
+        assert dev.file_read((4096 + k * 512) * 512, len(chunk)) == chunk
+    stats = dev.q.stats
+    assert stats.reads == 6 and stats.writes == 6 and stats.flushes == 1

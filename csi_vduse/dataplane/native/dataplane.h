@@ -16,6 +16,7 @@
 
 #define DP_MAX_MAPS 64
 #define DP_MAX_SEGS 1024       /* data segments per request, header and status included */
+#define DP_BATCH 16            /* requests popped and executed together */
 #define DP_MAX_QUEUE_SIZE 1024
 #define DP_SERIAL_LEN 20
 
@@ -54,7 +55,8 @@ struct dp_chain {
     uint32_t nsegs;
     uint64_t out_len, in_len;
     uint8_t *bad_status;   /* where IOERR can safely be written for a bad chain, or NULL */
-    struct dp_seg segs[DP_MAX_SEGS];
+    uint32_t max_segs;     /* capacity of segs: a longer chain is bad */
+    struct dp_seg *segs;
 };
 
 enum dp_pop_result {
@@ -106,16 +108,37 @@ struct dp_blk {
     char serial[DP_SERIAL_LEN];
 };
 
+/* One popped request and what executing it needs. */
+struct dp_slot {
+    struct dp_chain chain;
+    struct iovec *iov;
+    uint32_t used_len;
+};
+
+/* A second thread per queue, so that the large reads and writes of one batch copy in
+ * parallel. Completions stay in ring order: the used ring remains the queue's durable
+ * progress (see dp_queue_resume). */
+struct dp_helper {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    bool started, stop, pending;
+    uint32_t first, end;         /* slots [first, end) with odd offsets are the helper's */
+    struct dp_stats stats;
+};
+
 struct dp_queue {
     uint32_t index;
     int dev_fd;                  /* for VDUSE_VQ_INJECT_IRQ; -1 counts interrupts only */
     int kick_fd, stop_fd;
     uint64_t interrupts;
+    uint64_t parallel_batches;
     struct dp_vq vq;
     struct dp_blk *blk;
     struct dp_stats stats;
-    struct iovec iov[DP_MAX_SEGS];
-    struct dp_chain chain;
+    struct dp_helper helper;
+    uint32_t max_segs;
+    struct dp_slot slots[DP_BATCH];
 };
 
 /* iotlb.c */
@@ -144,7 +167,7 @@ uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov
 
 /* worker.c */
 struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_fd,
-                              struct dp_blk *blk, struct dp_iotlb *tlb);
+                              struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_segs);
 void dp_queue_free(struct dp_queue *q);
 int dp_queue_process(struct dp_queue *q);
 int dp_queue_resume(struct dp_queue *q);

@@ -112,7 +112,7 @@ static int walk_chain(struct dp_vq *vq, uint16_t head, struct dp_chain *c)
             continue;
         }
         bool write = d.flags & VRING_DESC_F_WRITE;
-        if (d.len == 0 || (!write && c->in_len) || c->nsegs == DP_MAX_SEGS)
+        if (d.len == 0 || (!write && c->in_len) || c->nsegs == c->max_segs)
             return chain_fail(c);
         uint8_t *p = translate(vq, d.addr, d.len, write ? DP_PERM_WRITE : DP_PERM_READ, &err);
         if (!p)

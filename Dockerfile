@@ -1,0 +1,88 @@
+# syntax=docker/dockerfile:1
+#
+# The csi-vduse image: one image for the node plugin and the controller (one process serves
+# identity, controller and node; the Helm chart runs it in a DaemonSet).
+#
+#   docker build -t ghcr.io/csi-vduse/csi-vduse:0.1.0 .
+#
+# Both stages use the same Python (the wheels are built for it). The base image is pinned to
+# an exact release; pin it by digest too (FROM python:...@sha256:...) in a release pipeline.
+
+############################################################################################
+# builder: compiles the cffi extension (the VDUSE ioctls and the C data plane) against the
+# kernel's UAPI headers, generates the gRPC modules from csi.proto (grpcio-tools, a build
+# requirement in pyproject.toml), and collects the wheels of every dependency.
+FROM python:3.11.14-slim-bookworm AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# gcc, libc headers and the kernel UAPI headers (<linux/vduse.h>, <linux/vdpa.h>,
+# <linux/virtio_blk.h>): needed to build only, never copied into the runtime stage.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev linux-libc-dev \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY csi_vduse ./csi_vduse
+
+# The project's wheel, then the wheels of its dependencies (resolved from that wheel).
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+    && pip wheel --wheel-dir /wheels /wheels/csi_vduse-*.whl
+
+############################################################################################
+# runtime: the wheels and the tools the plugin runs: mount/umount/blkid (util-linux, mount),
+# mkfs.ext4/resize2fs (e2fsprogs), mkfs.xfs/xfs_growfs (xfsprogs), vdpa (iproute2, optional,
+# for people debugging a node). No compiler, no headers, no pip cache.
+FROM python:3.11.14-slim-bookworm
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+
+LABEL org.opencontainers.image.title="csi-vduse" \
+      org.opencontainers.image.description="Kubernetes CSI driver whose volumes are VDUSE virtio-blk devices served by an in-process C data plane" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="https://github.com/csi-vduse/csi-vduse" \
+      org.opencontainers.image.url="https://github.com/csi-vduse/csi-vduse" \
+      org.opencontainers.image.documentation="https://github.com/csi-vduse/csi-vduse#readme" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        e2fsprogs \
+        iproute2 \
+        mount \
+        util-linux \
+        xfsprogs \
+    && rm -rf /var/lib/apt/lists/*
+
+# Installed from the builder's wheels through a bind mount, so no wheel stays in a layer; no
+# index is used, so what runs is exactly what the builder resolved.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels csi-vduse
+
+# Smoke test: the command runs, the compiled extension and the generated gRPC modules import,
+# and every tool the plugin calls is on PATH.
+RUN csi-vduse --version \
+    && python -c "import csi_vduse._native, csi_vduse.csi.proto.csi_pb2_grpc" \
+    && for tool in mount umount blkid mkfs.ext4 resize2fs mkfs.xfs xfs_growfs vdpa; do \
+         command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }; \
+       done
+
+# Root on purpose, not by omission: the node plugin opens /dev/vduse/control, creates vdpa
+# devices over generic netlink (CAP_NET_ADMIN in the host network namespace), binds them
+# through sysfs and mounts file systems (CAP_SYS_ADMIN); the chart runs it privileged. A
+# non-root user could do none of that, so the image does not pretend otherwise.
+USER root
+
+ENTRYPOINT ["csi-vduse"]
+CMD ["serve"]

@@ -1,0 +1,763 @@
+"""The Helm chart (charts/csi-vduse), the manifests rendered from it and the examples.
+
+Rendered offline with helm-python (Helm's Go SDK, no helm binary, no cluster): the values
+schema, `helm lint --strict`, the Kubernetes schemas of the oldest and the newest release the
+chart claims, and the wiring between the plugin, its sidecars and the host. manifests/ is the
+chart rendered with its default values; regenerate it with
+
+    python -m tests.unit.test_chart --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import functools
+import io
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+import csi_vduse
+import csi_vduse.csi.server
+from csi_vduse import cli
+from csi_vduse.config import ServeConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "csi-vduse"
+MANIFEST = ROOT / "manifests" / "csi-vduse.yaml"
+EXAMPLES = ROOT / "examples"
+RELEASE = "csi-vduse"
+NAMESPACE = "kube-system"
+REGENERATE = "python -m tests.unit.test_chart --write"
+
+Obj = dict[str, Any]
+
+# Install order of the kinds the chart renders (the order of manifests/csi-vduse.yaml).
+KIND_ORDER = (
+    "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+    "CSIDriver", "StorageClass", "DaemonSet",
+)  # fmt: skip
+NAMESPACED = {"ServiceAccount", "Role", "RoleBinding", "DaemonSet"}
+SIDECARS = ("node-driver-registrar", "livenessprobe", "csi-provisioner", "csi-resizer")
+
+# Every option switched on or away from its default.
+ALL_ON: Obj = {
+    "nameOverride": "vduse",
+    "driverName": "blk.vduse.example.com",
+    "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet",
+    "stateDir": "/run/vduse-state",
+    "dataDir": "/srv/vduse/images",
+    "logLevel": "debug",
+    "logFormat": "text",
+    "sidecarLogLevel": 5,
+    "maxVolumesPerNode": 128,
+    "defaultFsType": "xfs",
+    "storageCapacity": True,
+    "csiDriver": {"attachRequired": True, "fsGroupPolicy": "ReadWriteOnceWithFSType"},
+    "images": {
+        "plugin": {
+            "repository": "registry.example.com/storage/csi-vduse",
+            "tag": "0.1.0-rc.1",
+            "pullPolicy": "Always",
+        },
+        "provisioner": {
+            "repository": "registry.example.com/sig-storage/csi-provisioner",
+            "tag": "v5.3.0",
+            "digest": "sha256:" + "a" * 64,
+        },
+    },
+    "imagePullSecrets": [{"name": "regcred"}],
+    "resizer": {"enabled": True},
+    "serviceAccount": {
+        "create": True,
+        "name": "vduse-node",
+        "annotations": {"example.com/owner": "storage"},
+    },
+    "healthPort": 19818,
+    "registrarHealthPort": 19819,
+    "resources": {
+        name: {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
+        for name in ("plugin", "registrar", "livenessprobe", "provisioner", "resizer")
+    },
+    "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+    "priorityClassName": "system-cluster-critical",
+    "nodeSelector": {"kubernetes.io/os": "linux", "example.com/vduse": "true"},
+    "tolerations": [
+        {"key": "example.com/storage", "operator": "Equal", "value": "only", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "example.com/vduse", "operator": "Exists"}]}
+                ]
+            }
+        }
+    },
+    "podAnnotations": {"example.com/scrape": "false"},
+    "podLabels": {"example.com/team": "storage"},
+    "storageClasses": [
+        {
+            "name": "vduse-xfs",
+            "isDefault": True,
+            "fsType": "xfs",
+            "reclaimPolicy": "Retain",
+            "allowVolumeExpansion": False,
+            "mountOptions": ["noatime", "discard"],
+            "labels": {"example.com/tier": "local"},
+            "annotations": {"example.com/note": "node-local"},
+            "parameters": {"queues": 4, "queueSize": 1024},
+        },
+        {"name": "vduse-raw", "parameters": {"queues": 64, "queueSize": 2}},
+    ],
+}
+
+# Every optional part switched off.
+ALL_OFF: Obj = {
+    "storageCapacity": False,
+    "resizer": {"enabled": False},
+    "serviceAccount": {"create": False, "name": "existing-account"},
+    "priorityClassName": "",
+    "nodeSelector": {},
+    "tolerations": [],
+    "resources": {name: {} for name in ("plugin", "registrar", "livenessprobe", "provisioner")},
+    "storageClasses": [],
+}
+
+VALUE_SETS: dict[str, Obj | None] = {"defaults": None, "all-on": ALL_ON, "all-off": ALL_OFF}
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+@functools.cache
+def _rendered(values_json: str) -> dict[str, str]:
+    values = json.loads(values_json)
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def render(values: Obj | None) -> dict[str, str]:
+    """Template path -> rendered text (cached; the values go in as JSON, the cache key)."""
+    return _rendered(json.dumps(values, sort_keys=True))
+
+
+def documents(values: Obj | None) -> list[tuple[str, str, Obj]]:
+    """(template path, document text, object) for every object, in install order."""
+    docs = []
+    for path, text in render(values).items():
+        if not path.endswith(".yaml"):
+            continue
+        for part in re.split(r"^---[ \t]*$", text, flags=re.MULTILINE):
+            body = part.strip("\n")
+            obj = yaml.safe_load(body)
+            if obj is not None:
+                docs.append((path, body, obj))
+    for _, _, obj in docs:
+        assert obj["kind"] in KIND_ORDER, f"add {obj['kind']} to KIND_ORDER"
+    return sorted(docs, key=lambda d: (KIND_ORDER.index(d[2]["kind"]), d[2]["metadata"]["name"]))
+
+
+def objects(values: Obj | None) -> list[Obj]:
+    return [obj for _, _, obj in documents(values)]
+
+
+def manifest_text() -> str:
+    """manifests/csi-vduse.yaml: the default render, one document per object."""
+    header = (
+        "# csi-vduse: charts/csi-vduse rendered with its default values (release csi-vduse,\n"
+        f"# namespace {NAMESPACE}). Generated, do not edit: change the chart, then run\n"
+        f"#   {REGENERATE}\n"
+        "# Install: kubectl apply -f manifests/csi-vduse.yaml\n"
+    )
+    parts = [f"---\n# Source: {path}\n{body}\n" for path, body, _ in documents(None)]
+    return header + "".join(parts)
+
+
+def merged(values: Obj | None) -> Obj:
+    with helm.Chart.load(CHART) as chart:
+        return chart.merge_values(values)
+
+
+def one(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
+    found = [o for o in objs if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def of_kind(objs: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def pod_spec(objs: list[Obj]) -> Obj:
+    spec: Obj = one(objs, "DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(objs: list[Obj]) -> dict[str, Obj]:
+    return {c["name"]: c for c in pod_spec(objs)["containers"]}
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value of --name=VALUE in args (exactly one)."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
+    assert len(values) == 1, f"{name}= appears {len(values)} times in {args}"
+    return values[0]
+
+
+def host_mount(spec: Obj, container: Obj, path: str) -> tuple[str, Obj]:
+    """The host path that `path` inside `container` is, and the volumeMount that makes it so
+    (the deepest mount holding the path; it must come from a hostPath volume)."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    best: tuple[str, Obj] | None = None
+    for mount in container.get("volumeMounts", []):
+        at = mount["mountPath"].rstrip("/") or "/"
+        inside = path == at or path.startswith(at.rstrip("/") + "/")
+        if inside and (best is None or len(at) > len(best[0])):
+            best = (at, mount)
+    assert best is not None, f"{path} is not on any volume of container {container['name']}"
+    at, mount = best
+    volume = volumes[mount["name"]]
+    assert "hostPath" in volume, f"volume {mount['name']} ({path}) is not a hostPath"
+    return volume["hostPath"]["path"].rstrip("/") + path[len(at) :], mount
+
+
+def help_text(argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return out.getvalue()
+
+
+def claimed_kube_versions() -> tuple[str, str]:
+    """The oldest Kubernetes release Chart.yaml's kubeVersion allows, and the newest one
+    kubernetes-validate has schemas for (the range is open-ended)."""
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    match = re.fullmatch(r">=\s*(\d+)\.(\d+)\.0-0", meta["kubeVersion"])
+    assert match, f"kubeVersion {meta['kubeVersion']!r}: expected '>=X.Y.0-0'"
+    return f"{match[1]}.{match[2]}.0", kubernetes_validate.latest_version()
+
+
+KUBE_VERSIONS = claimed_kube_versions()
+
+
+# --- schema, lint, Kubernetes schemas ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_values_pass_the_schema(name: str) -> None:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values(VALUE_SETS[name]))
+
+
+@pytest.mark.parametrize("name", ["defaults", "all-on"])
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_helm_lint_strict_is_clean(name: str, kube_version: str) -> None:
+    report = helm.lint(CHART, VALUE_SETS[name], strict=True, kube_version=f"v{kube_version}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_objects_validate_against_kubernetes(name: str, kube_version: str) -> None:
+    objs = objects(VALUE_SETS[name])
+    assert objs
+    for obj in objs:
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = "/".join(str(p) for p in e.path)
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']} at {where}: {e.message}")
+
+
+def test_kube_version_range_is_covered_by_the_schemas() -> None:
+    oldest, newest = KUBE_VERSIONS
+    versions = kubernetes_validate.utils.all_versions()
+
+    def minor(v: str) -> tuple[int, int]:
+        major, minor_, *_ = v.split(".")
+        return int(major), int(minor_)
+
+    assert minor(versions[0]) <= minor(oldest) <= minor(newest)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"kubeletDir": "var/lib/kubelet"}, "kubeletDir"),
+        ({"kubeletDir": "/var/lib/kubelet/"}, "kubeletDir"),
+        ({"driverNmae": "vduse.csi.dev"}, "driverNmae"),
+        ({"driverName": "Not_A_Domain"}, "driverName"),
+        ({"storageClasses": [{"name": "x", "parameters": {"queueSize": 3}}]}, "queueSize"),
+        ({"storageClasses": [{"name": "x", "parameters": {"queues": 65}}]}, "queues"),
+        ({"storageClasses": [{"name": "x", "fsType": "btrfs"}]}, "fsType"),
+        ({"images": {"provisioner": {"repository": "r", "tag": "latest"}}}, "tag"),
+        ({"images": {"plugin": {"repository": "r", "tag": "latest"}}}, "tag"),
+        ({"updateStrategy": {"type": "Recreate"}}, "updateStrategy"),
+        ({"logLevel": "verbose"}, "logLevel"),
+        ({"resources": {"plugin": {"requests": {"cpu": "lots"}}}}, "cpu"),
+    ],
+)
+def test_schema_rejects_bad_values_naming_the_key(values: Obj, key: str) -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.validate_schema(chart.merge_values(values))
+        assert key in str(err.value)
+        # An install or template with the same values stops with the same message.
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        assert key in str(err.value)
+
+
+def test_values_file_violating_the_schema_is_rejected(tmp_path: Path) -> None:
+    """What `helm install -f my-values.yaml` does with a file holding two mistakes."""
+    values_file = tmp_path / "my-values.yaml"
+    values_file.write_text(
+        "kubeletDir: /var/lib/kubelet\n"
+        "storageClasses:\n"
+        "  - name: fast\n"
+        "    parameters:\n"
+        "      queueSize: 100\n"
+        "updateStrategy:\n"
+        "  type: OnDelete\n"
+        "  maxUnavailable: 1\n"
+    )
+    values = helm.values_from_yaml(values_file.read_text())
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as err:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    message = str(err.value)
+    assert "/storageClasses/0/parameters/queueSize" in message
+    assert "maxUnavailable" in message
+
+
+# --- the plugin container -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_plugin_flags_exist_in_the_cli(name: str) -> None:
+    args = containers(objects(VALUE_SETS[name]))["csi-vduse"]["args"]
+    assert "serve" in args, args
+    where = args.index("serve")
+    helps = {"global": help_text([]), "serve": help_text(["serve"])}
+    for i, arg in enumerate(args):
+        if arg == "serve":
+            continue
+        assert arg.startswith("--"), f"unexpected argument {arg!r}"
+        option = arg.split("=", 1)[0]
+        scope = "global" if i < where else "serve"
+        assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", helps[scope]), (
+            f"{option} is not a {scope} flag of csi-vduse (`csi-vduse "
+            f"{'' if scope == 'global' else 'serve '}--help`)"
+        )
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_plugin_env_names_serve_settings(name: str) -> None:
+    env = containers(objects(VALUE_SETS[name]))["csi-vduse"].get("env", [])
+    names = [e["name"] for e in env if e["name"].startswith("CSI_VDUSE_")]
+    assert "CSI_VDUSE_NODE_ID" in names
+    for env_name in names:
+        field = env_name.removeprefix("CSI_VDUSE_").lower()
+        assert field in ServeConfig.model_fields, f"{env_name}: ServeConfig has no {field}"
+    node_id = next(e for e in env if e["name"] == "CSI_VDUSE_NODE_ID")
+    assert node_id["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """cli.main configures the root logger; put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("name", ["defaults", "all-on"])
+@pytest.mark.usefixtures("keep_logging")
+def test_plugin_starts_with_the_charts_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container's args and env through the real CLI give the intended ServeConfig."""
+    values = merged(VALUE_SETS[name])
+    plugin = containers(objects(VALUE_SETS[name]))["csi-vduse"]
+    seen: list[ServeConfig] = []
+
+    def fake_serve(config: ServeConfig) -> int:
+        seen.append(config)
+        return 0
+
+    monkeypatch.setattr(csi_vduse.csi.server, "serve", fake_serve)
+    for key in [k for k in os.environ if k.startswith("CSI_VDUSE_")]:
+        monkeypatch.delenv(key)
+    for env in plugin.get("env", []):
+        value = env.get("value")
+        if value is None and env["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName":
+            value = "node-1"
+        assert value is not None, env
+        monkeypatch.setenv(env["name"], value)
+    assert "command" not in plugin, "the image's ENTRYPOINT is csi-vduse"
+    assert cli.main(plugin["args"]) == 0
+    (config,) = seen
+    assert config.node_id == "node-1"
+    assert config.driver_name == values["driverName"]
+    assert config.topology_key == f"topology.{values['driverName']}/node"
+    assert str(config.state_dir) == values["stateDir"]
+    assert str(config.data_dir) == values["dataDir"]
+    assert config.components == ("identity", "controller", "node")
+    assert config.max_volumes == values["maxVolumesPerNode"]
+    assert config.log_level == values["logLevel"]
+    assert config.log_format == values["logFormat"]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_one_socket_shared_by_plugin_sidecars_and_kubelet(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    objs = objects(VALUE_SETS[name])
+    spec, by_name = pod_spec(objs), containers(objs)
+    plugin = by_name["csi-vduse"]
+    endpoint = flag(plugin["args"], "--endpoint")
+    assert endpoint.startswith("unix:///")
+    socket, _ = host_mount(spec, plugin, endpoint.removeprefix("unix://"))
+    kubelet_socket = f"{values['kubeletDir']}/plugins/{values['driverName']}/csi.sock"
+    assert socket == kubelet_socket
+
+    sidecars = [s for s in SIDECARS if s in by_name]
+    assert sidecars == [s for s in SIDECARS if s != "csi-resizer" or values["resizer"]["enabled"]]
+    for sidecar in sidecars:
+        address = flag(by_name[sidecar]["args"], "--csi-address")
+        assert host_mount(spec, by_name[sidecar], address)[0] == socket, sidecar
+
+    registrar = by_name["node-driver-registrar"]
+    assert flag(registrar["args"], "--kubelet-registration-path") == kubelet_socket
+    assert host_mount(spec, registrar, "/registration/x.sock")[0] == (
+        f"{values['kubeletDir']}/plugins_registry/x.sock"
+    )
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_plugin_sees_every_host_path_it_uses(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    objs = objects(VALUE_SETS[name])
+    spec = pod_spec(objs)
+    plugin = containers(objs)["csi-vduse"]
+    assert spec["hostNetwork"] is True, "vdpa netlink answers in the host network namespace"
+    assert spec["hostPID"] is True, "openers of a device are found in the host's /proc"
+    assert plugin["securityContext"]["privileged"] is True
+
+    kubelet = values["kubeletDir"]
+    driver = values["driverName"]
+    # path inside the container -> propagation it needs (None: any)
+    needed: dict[str, str | None] = {
+        "/dev/vduse/control": None,
+        "/dev/vda": None,
+        "/sys/bus/vdpa/drivers/virtio_vdpa/bind": None,
+        "/sys/class/block/vda/holders": None,
+        "/sys/block/vda/size": None,
+        values["stateDir"]: None,
+        values["dataDir"]: None,
+        f"{kubelet}/plugins": "Bidirectional",
+        f"{kubelet}/pods": "Bidirectional",
+        # what kubelet passes: a staging path, a block publish path, a pod's publish target
+        f"{kubelet}/plugins/kubernetes.io/csi/{driver}/0123abcd/globalmount": "Bidirectional",
+        f"{kubelet}/plugins/kubernetes.io/csi/volumeDevices/publish/pv-1/uid-1": "Bidirectional",
+        f"{kubelet}/pods/uid-1/volumes/kubernetes.io~csi/pv-1/mount": "Bidirectional",
+    }
+    for path, propagation in needed.items():
+        host, mount = host_mount(spec, plugin, path)
+        assert host == path, f"{path} is host path {host}: it must be the same path"
+        if propagation:
+            assert mount.get("mountPropagation") == propagation, path
+    for option, value in (("--state-dir", values["stateDir"]), ("--data-dir", values["dataDir"])):
+        assert flag(plugin["args"], option) == value
+    state = next(v for v in spec["volumes"] if v["hostPath"]["path"] == values["stateDir"])
+    assert state["hostPath"]["type"] == "DirectoryOrCreate"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_liveness_is_wired_to_the_livenessprobe_sidecar(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    by_name = containers(objects(VALUE_SETS[name]))
+    plugin, probe = by_name["csi-vduse"], by_name["livenessprobe"]
+    port = int(flag(probe["args"], "--health-port"))
+    assert port == values["healthPort"]
+    ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
+    for kind in ("livenessProbe", "startupProbe"):
+        get = plugin[kind]["httpGet"]
+        assert get["path"] == "/healthz"
+        assert ports[get["port"]] == port, kind
+    registrar = by_name["node-driver-registrar"]
+    registrar_port = int(flag(registrar["args"], "--http-endpoint").rsplit(":", 1)[1])
+    get = registrar["livenessProbe"]["httpGet"]
+    assert {p["name"]: p["containerPort"] for p in registrar["ports"]}[get["port"]] == (
+        registrar_port
+    )
+    assert registrar_port != port
+
+
+# --- sidecars, RBAC, CSIDriver, StorageClasses ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_provisioner_runs_per_node(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    objs = objects(VALUE_SETS[name])
+    provisioner = containers(objs)["csi-provisioner"]
+    args = provisioner["args"]
+    for required in (
+        "--node-deployment=true", "--feature-gates=Topology=true", "--strict-topology=true",
+        "--immediate-topology=false", "--extra-create-metadata=true", "--leader-election=false",
+    ):  # fmt: skip
+        assert required in args
+    assert flag(args, "--default-fstype") == values["defaultFsType"]
+    env = {e["name"]: e for e in provisioner["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    capacity = values["storageCapacity"]
+    assert one(objs, "CSIDriver")["spec"]["storageCapacity"] is capacity
+    assert ("--enable-capacity=true" in args) is capacity
+    assert ({"NAMESPACE", "POD_NAME"} <= set(env)) is capacity
+    roles = of_kind(objs, "Role")
+    resources = {r for role in roles for rule in role["rules"] for r in rule["resources"]}
+    assert ("csistoragecapacities" in resources) is capacity
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_resizer_runs_without_leader_election(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    objs = objects(VALUE_SETS[name])
+    by_name = containers(objs)
+    enabled = values["resizer"]["enabled"]
+    assert ("csi-resizer" in by_name) is enabled
+    assert (
+        any(o["metadata"]["name"].endswith("-resizer") for o in of_kind(objs, "ClusterRole"))
+        is enabled
+    )
+    if enabled:
+        assert "--leader-election=false" in by_name["csi-resizer"]["args"]
+    # No sidecar elects a leader, so nothing may touch leases.
+    rules = [rule for o in objs if o["kind"] in ("Role", "ClusterRole") for rule in o["rules"]]
+    assert not any("leases" in rule["resources"] for rule in rules)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_rbac_is_bound_to_the_pods_account_and_least_privilege(name: str) -> None:
+    objs = objects(VALUE_SETS[name])
+    account = pod_spec(objs)["serviceAccountName"]
+    created = [o["metadata"]["name"] for o in of_kind(objs, "ServiceAccount")]
+    assert created == ([account] if merged(VALUE_SETS[name])["serviceAccount"]["create"] else [])
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in objs if o["kind"].endswith("Role")}
+    bindings = of_kind(objs, "ClusterRoleBinding") + of_kind(objs, "RoleBinding")
+    assert len(bindings) == len(roles)
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+        ]
+        assert (binding["roleRef"]["kind"], binding["roleRef"]["name"]) in roles
+    for role in roles.values():
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+            assert "secrets" not in rule["resources"], "the driver uses no secrets"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_csidriver(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    driver = one(objects(VALUE_SETS[name]), "CSIDriver")
+    assert driver["metadata"]["name"] == values["driverName"]
+    spec = driver["spec"]
+    assert spec["attachRequired"] is values["csiDriver"]["attachRequired"]
+    assert spec["fsGroupPolicy"] == values["csiDriver"]["fsGroupPolicy"]
+    assert spec["volumeLifecycleModes"] == ["Persistent"]
+
+
+def test_attach_is_not_required_by_default() -> None:
+    """No ControllerPublishVolume, no external-attacher: kubelet must not wait for one."""
+    assert one(objects(None), "CSIDriver")["spec"]["attachRequired"] is False
+    assert not [c for c in containers(objects(None)) if "attacher" in c]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_storage_classes(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    classes = {o["metadata"]["name"]: o for o in of_kind(objects(VALUE_SETS[name]), "StorageClass")}
+    assert list(classes) == sorted(c["name"] for c in values["storageClasses"])
+    for wanted in values["storageClasses"]:
+        sc = classes[wanted["name"]]
+        assert sc["provisioner"] == values["driverName"]
+        assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+        assert sc["allowVolumeExpansion"] is wanted.get("allowVolumeExpansion", True)
+        params = sc.get("parameters", {})
+        assert all(isinstance(v, str) for v in params.values())
+        assert params.get("csi.storage.k8s.io/fstype") == wanted.get("fsType")
+        for key in ("queues", "queueSize"):
+            expected = wanted.get("parameters", {}).get(key)
+            assert params.get(key) == (None if expected is None else str(expected))
+        default = (
+            sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class")
+        )
+        assert default == ("true" if wanted.get("isDefault") else None)
+
+
+def test_default_storage_classes_cover_filesystem_and_block() -> None:
+    classes = {o["metadata"]["name"]: o for o in of_kind(objects(None), "StorageClass")}
+    fs_types = {
+        n: c.get("parameters", {}).get("csi.storage.k8s.io/fstype") for n, c in classes.items()
+    }
+    assert fs_types == {"csi-vduse": "ext4", "csi-vduse-block": None}
+    for sc in classes.values():
+        assert sc["allowVolumeExpansion"] is True
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_daemonset_defaults_and_options(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    objs = objects(VALUE_SETS[name])
+    ds = one(objs, "DaemonSet")
+    assert ds["spec"]["updateStrategy"]["type"] == values["updateStrategy"]["type"]
+    spec = pod_spec(objs)
+    assert spec.get("priorityClassName", "") == values["priorityClassName"]
+    assert spec.get("tolerations", []) == values["tolerations"]
+    assert spec.get("nodeSelector", {}) == values["nodeSelector"]
+    for obj in objs:
+        namespace = obj["metadata"].get("namespace")
+        assert namespace == (NAMESPACE if obj["kind"] in NAMESPACED else None), obj["kind"]
+
+
+def test_update_strategy_defaults_to_on_delete_with_the_reason() -> None:
+    assert one(objects(None), "DaemonSet")["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    template = (CHART / "templates" / "daemonset.yaml").read_text()
+    comment = template[: template.index("updateStrategy:")].rsplit("spec:", 1)[1]
+    assert "OnDelete" in comment and "re-attach" in comment and "I/O" in comment
+
+
+IMAGES = {
+    "plugin": "csi-vduse", "registrar": "node-driver-registrar", "livenessprobe": "livenessprobe",
+    "provisioner": "csi-provisioner", "resizer": "csi-resizer",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_images_are_pinned(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    by_name = containers(objects(VALUE_SETS[name]))
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert set(by_name) <= set(IMAGES.values())
+    for key, container in IMAGES.items():
+        if container not in by_name:
+            continue
+        wanted = values["images"][key]
+        image = by_name[container]["image"]
+        if wanted.get("digest"):
+            assert image == f"{wanted['repository']}@{wanted['digest']}"
+        else:
+            assert image == f"{wanted['repository']}:{wanted.get('tag') or app_version}"
+            assert not image.endswith(":latest")
+        if name == "defaults" and key != "plugin":
+            assert image.startswith("registry.k8s.io/sig-storage/"), image
+
+
+def test_versions_agree() -> None:
+    """Chart appVersion = default plugin image tag = package version = pyproject version."""
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE)
+    assert version and version[1] == csi_vduse.__version__ == meta["appVersion"]
+    image = containers(objects(None))["csi-vduse"]["image"]
+    assert image.endswith(f":{csi_vduse.__version__}")
+
+
+# --- manifests/ and examples/ -------------------------------------------------------------
+
+
+def test_manifests_are_the_default_render() -> None:
+    expected = manifest_text()
+    actual = MANIFEST.read_text() if MANIFEST.exists() else ""
+    if actual != expected:
+        diff = difflib.unified_diff(
+            actual.splitlines(), expected.splitlines(), "manifests (committed)", "chart render",
+            lineterm="", n=1,
+        )  # fmt: skip
+        shown = "\n".join(list(diff)[:40])
+        pytest.fail(
+            f"{MANIFEST.relative_to(ROOT)} differs from the chart rendered with its default "
+            f"values; regenerate it with `{REGENERATE}` and commit it.\n{shown}"
+        )
+
+
+def example_objects() -> list[Obj]:
+    objs = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        objs += [o for o in yaml.safe_load_all(path.read_text()) if o is not None]
+    return objs
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_example_core_objects_validate(kube_version: str) -> None:
+    core = [o for o in example_objects() if o["apiVersion"] == "v1"]
+    assert {o["kind"] for o in core} == {"PersistentVolumeClaim", "Pod"}
+    for obj in core:
+        kubernetes_validate.validate(obj, kube_version, strict=True)
+
+
+def test_examples_use_the_charts_storage_classes() -> None:
+    classes = {o["metadata"]["name"]: o for o in of_kind(objects(None), "StorageClass")}
+    block_classes = {n for n, c in classes.items() if "parameters" not in c or
+                     "csi.storage.k8s.io/fstype" not in c["parameters"]}  # fmt: skip
+    objs = example_objects()
+    claims = {
+        o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "PersistentVolumeClaim"
+    }
+    vm = one(objs, "VirtualMachine")
+    for template in vm["spec"]["dataVolumeTemplates"]:
+        claims[template["metadata"]["name"]] = template["spec"]["storage"]
+    for claim in claims.values():
+        assert claim["storageClassName"] in classes
+        assert claim["accessModes"] == ["ReadWriteOnce"], "node-local volumes are RWO"
+        if claim.get("volumeMode") == "Block":
+            assert claim["storageClassName"] in block_classes
+    assert sum(c.get("volumeMode") == "Block" for c in claims.values()) == 2
+    pods = [o for o in objs if o["kind"] == "Pod"]
+    assert any("volumeDevices" in c for p in pods for c in p["spec"]["containers"])
+    assert vm["spec"]["template"]["spec"]["evictionStrategy"] == "None", "no live migration"
+    profile = one(objs, "StorageProfile")
+    assert profile["metadata"]["name"] in block_classes
+    assert profile["spec"]["claimPropertySets"] == [
+        {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block"}
+    ]
+
+
+# --- regenerate manifests/ ------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render charts/csi-vduse into manifests/.")
+    parser.add_argument("--write", action="store_true", help=f"write {MANIFEST.name}")
+    args = parser.parse_args(argv)
+    text = manifest_text()
+    if args.write:
+        MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+        MANIFEST.write_text(text)
+        print(f"wrote {MANIFEST.relative_to(ROOT)}")
+        return 0
+    current = MANIFEST.read_text() if MANIFEST.exists() else ""
+    if current != text:
+        print(f"{MANIFEST.relative_to(ROOT)} is out of date: run {REGENERATE}", file=sys.stderr)
+        return 1
+    print(f"{MANIFEST.relative_to(ROOT)} is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
