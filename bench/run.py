@@ -20,6 +20,7 @@ from bench.lab import BEGIN, END
 from tests.lab import runner
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench-results"
+BASELINE = Path(__file__).resolve().parent / "baseline"  # the committed reference run
 METRICS = ("iops", "bw_mib", "lat_mean_us", "lat_p99_us", "cpu_us_per_io")
 
 
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     table = aggregate(doc["results"])
     rel = ratios(table)
     RESULTS.mkdir(exist_ok=True)
-    previous = max(RESULTS.glob("*.json"), default=None)
+    previous = max(RESULTS.glob("*.json"), default=None) or max(
+        BASELINE.glob("*.json"), default=None
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     doc.update({"table": table, "ratios": rel})
     (RESULTS / f"{stamp}.json").write_text(json.dumps(doc, indent=1))

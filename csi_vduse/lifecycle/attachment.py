@@ -91,14 +91,9 @@ class Attachment:
             sysfs.bind(self.name, self.driver)
             self.device_path = sysfs.wait_block_device(self.name)
         except BaseException:
-            self._created = False  # not ours to destroy on a failed re-attach
-            if self._server is not None:
-                self._server.stop()
-                self._server = None
-            if self._device is not None:
-                self._device.close()
-                self._device = None
-            self._added = False
+            # Not ours to remove on a failed re-attach: only let go of it.
+            self._created = self._added = False
+            self._teardown()
             raise
         log.info("%s: re-attached, serving %s", self.name, self.device_path)
         return self.device_path
