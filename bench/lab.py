@@ -54,12 +54,27 @@ def _wait_device(name: str) -> Path:
     return sysfs.wait_block_device(name)
 
 
+# Data-plane levers, each measured against the defaults in the same run (--levers).
+LEVERS: dict[str, dict[str, str]] = {
+    "csi-vduse": {},
+    "no-parallel-split": {"CSI_VDUSE_DP_PARALLEL_MIN_BYTES": "0"},
+    "no-event-idx": {"CSI_VDUSE_DP_EVENT_IDX": "false"},
+    "no-poll": {"CSI_VDUSE_DP_POLL_US": "0"},
+    "one-queue": {"QUEUES": "1"},
+}
+LEVER_WORKLOADS = ["randread-4k-qd1", "randwrite-4k-qd32", "read-1m-qd8", "randread-4k-qd32-2jobs"]
+
+
 @contextmanager
-def serve_csi_vduse(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
+def serve_csi_vduse(
+    image: Path, queues: int, queue_size: int, env: dict[str, str] | None = None
+) -> Iterator[Served]:
+    env = dict(env or {})
+    queues = int(env.pop("QUEUES", queues))
     proc = subprocess.Popen(
         [sys.executable, "-m", "csi_vduse", "--log-level=warning", "export", str(image),
          "--name", "bench-csi-vduse", "--queues", str(queues), "--queue-size", str(queue_size)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, env={**os.environ, **env},
     )  # fmt: skip
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
@@ -150,18 +165,26 @@ def main() -> int:
     parser.add_argument("--queues", type=int, default=2)
     parser.add_argument("--queue-size", type=int, default=256)
     parser.add_argument("--workloads", default="", help="comma list of names (default all)")
+    parser.add_argument("--levers", action="store_true", help="csi-vduse variants only")
     args = parser.parse_args()
-    chosen = [w for w in WORKLOADS if not args.workloads or w.name in args.workloads.split(",")]
+    wanted = args.workloads.split(",") if args.workloads else []
+    if args.levers and not wanted:
+        wanted = LEVER_WORKLOADS
+    chosen = [w for w in WORKLOADS if not wanted or w.name in wanted]
     image = Path(os.environ.get("LAB_SCRATCH", "/run/scratch")) / "bench.img"
     subprocess.run(["fio", "--name=fill", f"--filename={image}", "--rw=write", "--bs=1m",
                     f"--size={args.size}", "--ioengine=psync", "--end_fsync=1"],
                    check=True, capture_output=True)  # fmt: skip
-    order = list(SERVERS)
+    order = list(LEVERS) if args.levers else list(SERVERS)
     results: list[dict[str, object]] = []
     for rnd in range(args.rounds):
         names = order if rnd % 2 == 0 else list(reversed(order))
         for server in names:
-            with SERVERS[server](image, args.queues, args.queue_size) as served:
+            if args.levers:
+                serving = serve_csi_vduse(image, args.queues, args.queue_size, LEVERS[server])
+            else:
+                serving = SERVERS[server](image, args.queues, args.queue_size)
+            with serving as served:
                 for w in chosen:
                     before = cpu_seconds(served.pid)
                     r = run_fio(served.device, w, args.runtime, args.size)

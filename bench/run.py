@@ -71,6 +71,17 @@ def render(table: dict[str, dict[str, dict[str, float]]], rel: dict[str, dict[st
     return "\n".join(lines)
 
 
+def render_levers(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'workload':24} {'variant':18} {'IOPS':>9} {'p99 us':>9} {'cpu us/io':>9} "
+             f"{'IOPS x default':>14}"]  # fmt: skip
+    for workload, variants in table.items():
+        base = variants["csi-vduse"]["iops"]
+        for name, m in variants.items():
+            lines.append(f"{workload:24} {name:18} {m['iops']:9.0f} {m['lat_p99_us']:9.1f} "
+                         f"{m['cpu_us_per_io']:9.1f} {m['iops'] / base:14.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def plot(rel: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib
 
@@ -116,21 +127,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", type=int, default=6, help="seconds per fio run")
     parser.add_argument("--workloads", default="")
     parser.add_argument("--queues", type=int, default=2)
+    parser.add_argument(
+        "--levers", action="store_true", help="measure data-plane levers against the defaults"
+    )
     args = parser.parse_args(argv)
     command = (f"python -m bench.lab --rounds {args.rounds} --runtime {args.runtime} "
-               f"--queues {args.queues} --workloads '{args.workloads}'")  # fmt: skip
+               f"--queues {args.queues} --workloads '{args.workloads}'"
+               + (" --levers" if args.levers else ""))  # fmt: skip
     result = runner.run(command, timeout=5400)
     if result.returncode != 0 or BEGIN not in result.output:
         print(f"bench: the lab run failed (exit {result.returncode})", file=sys.stderr)
         return 1
     doc = json.loads(result.output.split(BEGIN, 1)[1].split(END, 1)[0])
     table = aggregate(doc["results"])
-    rel = ratios(table)
     RESULTS.mkdir(exist_ok=True)
-    previous = max(RESULTS.glob("*.json"), default=None) or max(
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.levers:
+        doc["table"] = table
+        (RESULTS / f"levers-{stamp}.json").write_text(json.dumps(doc, indent=1))
+        print(render_levers(table))
+        print(f"saved {RESULTS}/levers-{stamp}.json")
+        return 0
+    rel = ratios(table)
+    previous = max(RESULTS.glob("2*.json"), default=None) or max(
         BASELINE.glob("*.json"), default=None
     )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     doc.update({"table": table, "ratios": rel})
     (RESULTS / f"{stamp}.json").write_text(json.dumps(doc, indent=1))
     plot(rel, RESULTS / f"{stamp}.png")

@@ -117,6 +117,8 @@ struct dp_queue {
     uint32_t index;
     uint64_t interrupts;
     uint64_t parallel_batches;
+    uint64_t parallel_min_bytes;
+    uint32_t poll_us;
     struct dp_vq vq;
     struct dp_stats stats;
     ...;

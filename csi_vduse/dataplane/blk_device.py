@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from csi_vduse._native import ffi, lib
+from csi_vduse.dataplane.tuning import DataPlaneTuning
 
 SECTOR = 512
 MAX_QUEUES = 64
@@ -22,6 +23,7 @@ class BlkParams:
     readonly: bool = False
     serial: str = ""
     blk_size: int = SECTOR
+    tuning: DataPlaneTuning = field(default_factory=DataPlaneTuning)
 
     @property
     def seg_max(self) -> int:
@@ -32,7 +34,6 @@ def features(p: BlkParams) -> int:
     bits = [
         lib.VIRTIO_F_VERSION_1,
         lib.VIRTIO_F_ACCESS_PLATFORM,
-        lib.VIRTIO_RING_F_EVENT_IDX,
         lib.VIRTIO_RING_F_INDIRECT_DESC,
         lib.VIRTIO_BLK_F_SIZE_MAX,
         lib.VIRTIO_BLK_F_SEG_MAX,
@@ -40,6 +41,8 @@ def features(p: BlkParams) -> int:
         lib.VIRTIO_BLK_F_FLUSH,
         lib.VIRTIO_BLK_F_TOPOLOGY,
     ]
+    if p.tuning.event_idx:
+        bits.append(lib.VIRTIO_RING_F_EVENT_IDX)
     if p.queues > 1:
         bits.append(lib.VIRTIO_BLK_F_MQ)
     if p.readonly:

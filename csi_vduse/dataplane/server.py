@@ -178,6 +178,8 @@ class BlockServer:
                 os.close(kick_fd)
                 raise MemoryError("dp_queue_new")
             native = ffi.gc(native, lib.dp_queue_free)
+            native.parallel_min_bytes = self.params.tuning.parallel_min_bytes
+            native.poll_us = self.params.tuning.poll_us
             lib.dp_vq_init(
                 ffi.addressof(native.vq), self._tlb, info.num, info.desc_addr,
                 info.driver_addr, info.device_addr, info.avail_index, event_idx,

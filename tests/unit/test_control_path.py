@@ -138,3 +138,17 @@ def test_config_space_layout() -> None:
     assert struct.unpack_from("<H", cfg, 34)[0] == 3  # num_queues
     offset, data = capacity_field(2 << 30)
     assert offset == 0 and data == struct.pack("<Q", (2 << 30) // 512)
+
+
+def test_data_plane_tuning_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from csi_vduse.dataplane.tuning import DataPlaneTuning
+
+    assert DataPlaneTuning().parallel_min_bytes == 256 << 10
+    monkeypatch.setenv("CSI_VDUSE_DP_EVENT_IDX", "false")
+    monkeypatch.setenv("CSI_VDUSE_DP_POLL_US", "50")
+    params = BlkParams(capacity=1 << 20)
+    assert params.tuning.poll_us == 50
+    assert not features(params) & (1 << lib.VIRTIO_RING_F_EVENT_IDX)
+    monkeypatch.setenv("CSI_VDUSE_DP_POLL_US", "-1")
+    with pytest.raises(ValidationError):
+        DataPlaneTuning()

@@ -133,6 +133,8 @@ struct dp_queue {
     int kick_fd, stop_fd;
     uint64_t interrupts;
     uint64_t parallel_batches;
+    uint64_t parallel_min_bytes;  /* runs of reads/writes this large use the helper; 0: never */
+    uint32_t poll_us;             /* busy-poll the ring this long before sleeping; 0: never */
     struct dp_vq vq;
     struct dp_blk *blk;
     struct dp_stats stats;

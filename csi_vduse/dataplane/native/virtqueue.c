@@ -179,7 +179,11 @@ bool dp_vq_should_notify(struct dp_vq *vq)
 
 void dp_vq_disable_notify(struct dp_vq *vq)
 {
-    if (!vq->event_idx)
+    /* With EVENT_IDX, an avail_event the driver has already passed means "no kick". */
+    if (vq->event_idx)
+        __atomic_store_n((uint16_t *)&vq->used->ring[vq->num], (uint16_t)(vq->last_avail_idx - 1),
+                         __ATOMIC_RELAXED);
+    else
         __atomic_store_n(&vq->used->flags, VRING_USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
 }
 

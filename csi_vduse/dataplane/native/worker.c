@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 #include <linux/vduse.h>
@@ -39,6 +40,7 @@ struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_
     q->stop_fd = stop_fd;
     q->blk = blk;
     q->max_segs = max_segs;
+    q->parallel_min_bytes = PARALLEL_MIN_BYTES;
     q->vq.tlb = tlb;
     q->vq.broken = true;  /* until dp_vq_init gives it rings */
     pthread_mutex_init(&q->helper.mu, NULL);
@@ -161,7 +163,7 @@ static void execute_batch(struct dp_queue *q, uint32_t n)
             bytes += q->slots[end].chain.in_len + q->slots[end].chain.out_len;
             end++;
         }
-        if (end - i >= 2 && bytes >= PARALLEL_MIN_BYTES) {
+        if (end - i >= 2 && q->parallel_min_bytes && bytes >= q->parallel_min_bytes) {
             execute_parallel(q, i, end);
             i = end;
             continue;
@@ -240,13 +242,46 @@ int dp_queue_resume(struct dp_queue *q)
     return r;
 }
 
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+/* Watches the avail ring with kicks off for up to poll_us; true when work arrived. */
+static bool poll_ring(struct dp_queue *q)
+{
+    struct dp_vq *vq = &q->vq;
+    bool found = false;
+    if (!q->poll_us || vq->broken)
+        return false;
+    pthread_rwlock_rdlock(&vq->tlb->lock);
+    if (dp_vq_map_rings(vq) == 0) {
+        uint64_t deadline = now_us() + q->poll_us;
+        dp_vq_disable_notify(vq);
+        do {
+            if (__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE) != vq->last_avail_idx) {
+                found = true;
+                break;
+            }
+            __builtin_ia32_pause();
+        } while (now_us() < deadline);
+        if (!found)
+            found = dp_vq_enable_notify(vq);
+    }
+    pthread_rwlock_unlock(&vq->tlb->lock);
+    return found;
+}
+
 int dp_queue_run(struct dp_queue *q)
 {
     struct pollfd fds[2] = {{.fd = q->kick_fd, .events = POLLIN},
                             {.fd = q->stop_fd, .events = POLLIN}};
     for (;;) {
         if (!q->vq.broken)
-            dp_queue_process(q);
+            while (dp_queue_process(q) >= 0 && poll_ring(q))
+                ;
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
