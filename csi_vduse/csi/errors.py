@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import time
@@ -42,7 +43,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind, code in _CODES:
         if isinstance(exc, kind):
             return code, str(exc)
-    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return Code.RESOURCE_EXHAUSTED, f"out of space: {exc}"
     return Code.INTERNAL, f"{type(exc).__name__}: {exc}"
 

@@ -7,6 +7,7 @@ serving, release the fd, destroy."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class Attachment:
                         self.params.queues, VQ_ALIGN, config_space(self.params),
                     )  # fmt: skip
                 except VduseError as e:
-                    if e.errno == 17:  # EEXIST
+                    if e.errno == errno.EEXIST:
                         raise AttachError(
                             f"a VDUSE device named {self.name} already exists"
                         ) from None
