@@ -63,18 +63,3 @@ def wait_block_device(name: str, timeout: float = 10.0) -> Path:
         if time.monotonic() > deadline:
             raise SysfsError(f"vdpa device {name} has no block device after {timeout:.0f}s")
         time.sleep(0.05)
-
-
-def block_in_use(block: str) -> list[str]:
-    """Why the block device must not be torn down: holders and mounts (empty if free)."""
-    reasons = [f"held by {h.name}" for h in (Path("/sys/block") / block / "holders").glob("*")]
-    try:
-        dev = (Path("/sys/block") / block / "dev").read_text().strip()
-    except FileNotFoundError:
-        return reasons
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == dev:
-                reasons.append(f"mounted at {fields[4]}")
-    return reasons

@@ -19,6 +19,7 @@ from csi_vduse.dataplane.server import BlockServer
 from csi_vduse.kernel import sysfs
 from csi_vduse.kernel.vdpa import VdpaClient
 from csi_vduse.kernel.vduse import DEVICE_DIR, VduseControl, VduseDevice, VduseError
+from csi_vduse.lifecycle import mounts
 
 log = logging.getLogger(__name__)
 VQ_ALIGN = 4096
@@ -106,10 +107,10 @@ class Attachment:
     def in_use(self) -> list[str]:
         if self.device_path is None:
             return []
-        return sysfs.block_in_use(self.device_path.name)
+        return mounts.users(self.device_path)
 
     def stop(self, force: bool = False) -> None:
-        """Tears the device down; refuses while the block device is mounted or held."""
+        """Tears the device down; refuses while the block device is mounted, held or open."""
         reasons = [] if force else self.in_use()
         if reasons:
             raise DeviceBusy(f"{self.device_path} is in use: {', '.join(reasons)}")

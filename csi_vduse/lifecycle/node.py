@@ -137,6 +137,13 @@ class NodeVolumes:
                 f"a VDUSE device for volume {record.volume_id} exists without a server "
                 "(left by a previous plugin process); it is being recovered, retry"
             )
+        attached = self._serve(record, readonly, resume=False)
+        self.attached[record.volume_id] = attached
+        return attached
+
+    def _serve(self, record: VolumeRecord, readonly: bool, resume: bool) -> Attached:
+        """Opens the volume's image and serves it: a new device, or (`resume`) the device a
+        previous process left. Both ways must describe the device the same."""
         backend = FileBackend.open(self.store.image(record.volume_id), None, readonly)
         params = BlkParams(
             capacity=backend.size, queues=record.params.queues,
@@ -145,13 +152,14 @@ class NodeVolumes:
         )  # fmt: skip
         attachment = Attachment(record.volume_id, backend, params)
         try:
-            attachment.start()
+            if resume:
+                attachment.reattach()
+            else:
+                attachment.start()
         except BaseException:
             backend.close()
             raise
-        attached = Attached(attachment, backend)
-        self.attached[record.volume_id] = attached
-        return attached
+        return Attached(attachment, backend)
 
     def _mount_fs(
         self, record: VolumeRecord, device: Path, target: Path, access: VolumeAccess
@@ -356,21 +364,13 @@ class NodeVolumes:
             record = self.store.get(volume_id)
             if record is None or not (DEVICE_DIR / volume_id).exists():
                 continue  # NodeStage or NodeUnstage converges from the record
-            backend = FileBackend.open(self.store.image(volume_id), None, staged.readonly)
-            params = BlkParams(
-                capacity=backend.size, queues=record.params.queues,
-                queue_size=record.params.queue_size, readonly=staged.readonly,
-                serial=volume_id[-20:],
-            )  # fmt: skip
-            attachment = Attachment(volume_id, backend, params)
             try:
-                attachment.reattach()
+                attached = self._serve(record, staged.readonly, resume=True)
             except Exception:
-                backend.close()
                 log.exception("%s: cannot re-attach its VDUSE device", volume_id)
                 continue
-            self.attached[volume_id] = Attached(attachment, backend)
-            log.info("%s: re-attached at %s", volume_id, attachment.device_path)
+            self.attached[volume_id] = attached
+            log.info("%s: re-attached at %s", volume_id, attached.device)
 
     def shutdown(self) -> None:
         """Leaves every volume staged: the kernel devices outlive this process."""
