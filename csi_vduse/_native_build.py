@@ -51,9 +51,15 @@ CDEF = """
 #define VRING_DESC_F_INDIRECT ...
 #define VRING_AVAIL_F_NO_INTERRUPT ...
 #define VRING_USED_F_NO_NOTIFY ...
+#define DP_MAX_DESCS ...
 #define DP_MAX_SEGS ...
 #define DP_BATCH ...
+#define DP_MIN_QUEUE_SIZE ...
 #define DP_MAX_QUEUE_SIZE ...
+#define DP_MIN_MAPS ...
+#define DP_LOG_SIZE ...
+#define DP_LOG_MAGIC ...
+#define DP_LOG_VERSION ...
 #define DP_PERM_READ ...
 #define DP_PERM_WRITE ...
 
@@ -87,14 +93,25 @@ static const int VDPA_ATTR_DEV_VENDOR_ID;
 static const int VDPA_ATTR_DEV_MAX_VQS;
 static const int VDPA_ATTR_DEV_MAX_VQ_SIZE;
 
+/* <sys/uio.h> */
+struct iovec { void *iov_base; size_t iov_len; };
+
 /* dataplane/native/dataplane.h */
-struct dp_iotlb { int dev_fd; uint32_t gen; unsigned nmaps; ...; };
+enum dp_broken { DP_OK, DP_BROKEN_RING, DP_BROKEN_NO_STATUS, DP_BROKEN_FAULT, DP_BROKEN_ORDER };
+struct dp_iotlb { int dev_fd; uint32_t gen; unsigned nmaps, cap; ...; };
 struct dp_stats {
     uint64_t reads, writes, flushes, discards, write_zeroes, get_ids;
     uint64_t read_bytes, written_bytes;
     uint64_t errors, unsupported, bad_chains;
+    uint64_t faults, poisoned, enospc;
 };
-struct dp_backend_ops { ...; };
+struct dp_backend_ops {
+    ssize_t (*preadv)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
+    ssize_t (*pwritev)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
+    int (*flush)(void *ctx);
+    int (*discard)(void *ctx, uint64_t offset, uint64_t len);
+    int (*write_zeroes)(void *ctx, uint64_t offset, uint64_t len, bool may_unmap);
+};
 struct dp_blk {
     const struct dp_backend_ops *ops;
     void *ctx;
@@ -105,38 +122,53 @@ struct dp_blk {
     char serial[...];
     ...;
 };
+struct dp_chain { uint16_t head; uint16_t avail_idx; ...; };
 struct dp_vq {
     uint16_t num;
     uint16_t last_avail_idx;
     uint16_t used_idx;
     bool event_idx;
-    bool broken;
+    uint8_t broken;
+    uint16_t broken_head;
     ...;
+};
+struct dp_log {
+    uint32_t magic, version;
+    uint32_t executing[2];
+    uint32_t crashed;
 };
 struct dp_queue {
     uint32_t index;
+    int event_fd;
+    int write_enospc;
     uint64_t interrupts;
     uint64_t parallel_batches;
     uint64_t parallel_min_bytes;
     uint32_t poll_us;
+    bool crashed_pending;
+    uint16_t crashed_idx;
     struct dp_vq vq;
     struct dp_stats stats;
     ...;
 };
+struct dp_file { int fd; bool keep_allocated; };
 extern const struct dp_backend_ops dp_file_ops;
 
-int dp_iotlb_init(struct dp_iotlb *tlb, int dev_fd);
+int dp_iotlb_init(struct dp_iotlb *tlb, int dev_fd, unsigned capacity);
 void dp_iotlb_destroy(struct dp_iotlb *tlb);
 int dp_iotlb_add(struct dp_iotlb *tlb, uint64_t start, uint64_t last, uint8_t *va, uint8_t perm);
 void dp_iotlb_invalidate(struct dp_iotlb *tlb, uint64_t start, uint64_t last);
 void dp_vq_init(struct dp_vq *vq, struct dp_iotlb *tlb, uint16_t num, uint64_t desc,
                 uint64_t avail, uint64_t used, uint16_t last_avail_idx, bool event_idx);
+void dp_vq_push(struct dp_vq *vq, const struct dp_chain *c, uint32_t len);
 struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_fd,
-                              struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_segs);
+                              struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_descs,
+                              struct dp_log *log);
 void dp_queue_free(struct dp_queue *q);
 int dp_queue_process(struct dp_queue *q);
 int dp_queue_resume(struct dp_queue *q);
 int dp_queue_run(struct dp_queue *q);
+void dp_queue_request_stop(struct dp_queue *q);
 """
 
 SOURCES = [
@@ -145,6 +177,7 @@ SOURCES = [
     DATAPLANE_NATIVE / "virtqueue.c",
     DATAPLANE_NATIVE / "blk.c",
     DATAPLANE_NATIVE / "worker.c",
+    DATAPLANE_NATIVE / "guard.c",
     DATAPLANE_NATIVE / "file_backend.c",
 ]
 

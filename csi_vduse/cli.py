@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="volume images (default /var/lib/csi-vduse)")
     serve.add_argument("--components", help="comma list of identity,controller,node (default all)")
     serve.add_argument("--max-volumes", type=int, help="volumes this node serves at most (64)")
+    serve.add_argument(
+        "--reconcile-interval",
+        type=float,
+        help="seconds between passes that re-attach unserved devices (30)",
+    )
+    serve.add_argument(
+        "--health-address", help="HOST:PORT serving /livez, /readyz and /metrics (default: none)"
+    )
     serve.add_argument("--log-format", help="json (default) or text")
     return parser
 
@@ -63,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             from csi_vduse.csi.server import serve
 
             flags = ("endpoint", "node_id", "driver_name", "state_dir", "data_dir",
-                     "components", "max_volumes", "log_format")  # fmt: skip
+                     "components", "max_volumes", "log_format", "reconcile_interval",
+                     "health_address")  # fmt: skip
             given = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
             if args.log_level is not None:
                 given["log_level"] = args.log_level

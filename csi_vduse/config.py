@@ -34,6 +34,14 @@ def _node_id(value: str) -> str:
     return value
 
 
+def _health_address(value: str) -> str:
+    if value:
+        from csi_vduse.health import parse_address
+
+        parse_address(value)
+    return value
+
+
 def _components(value: object) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
     names = tuple(dict.fromkeys(str(i).strip() for i in items if str(i).strip()))
@@ -53,6 +61,10 @@ class ServeConfig(BaseSettings):
     data_dir: Path = Path("/var/lib/csi-vduse")
     components: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_components)] = COMPONENTS
     max_volumes: Annotated[int, Field(ge=1, le=1024)] = 64
+    # how often unserved devices are re-attached and conditions refreshed, in seconds
+    reconcile_interval: Annotated[float, Field(ge=0.5, le=3600)] = 30.0
+    # HOST:PORT of /livez, /readyz and /metrics; empty: not served
+    health_address: Annotated[str, AfterValidator(_health_address)] = ""
     log_level: Annotated[
         str,
         BeforeValidator(lambda v: str(v).lower()),

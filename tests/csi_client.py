@@ -35,11 +35,14 @@ def block_cap(mode: ModeValue = Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
 class Plugin:
     """`csi-vduse serve` in a child process, and stubs to call it."""
 
-    def __init__(self, root: Path, node_id: str = "node-1", components: str = "") -> None:
+    def __init__(
+        self, root: Path, node_id: str = "node-1", components: str = "", *args: str
+    ) -> None:
         self.root = root
         self.socket = root / "csi.sock"
         self.node_id = node_id
         self.components = components
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "plugin.log"
         self.start()
@@ -53,6 +56,7 @@ class Plugin:
         ]  # fmt: skip
         if self.components:
             argv.append(f"--components={self.components}")
+        argv += self.args
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 60

@@ -1,4 +1,5 @@
-"""A sparse file on the node: created at the requested size, never truncated."""
+"""A file on the node: created at the requested size (sparse, or allocated when thick),
+never truncated."""
 
 from __future__ import annotations
 
@@ -14,18 +15,25 @@ from csi_vduse.backends.base import SECTOR, Backend, BackendError
 
 
 class FileBackend(Backend):
-    def __init__(self, path: Path, fd: int, size: int, readonly: bool, created: bool) -> None:
+    def __init__(
+        self, path: Path, fd: int, size: int, readonly: bool, created: bool, thick: bool = False
+    ) -> None:
         self.path = path
         self.fd = fd
         self.size = size
         self.readonly = readonly
         self.created = created
+        self.thick = thick
+        self._native = ffi.new("struct dp_file *", {"fd": fd, "keep_allocated": thick})
 
     @classmethod
-    def open(cls, path: Path | str, size: int | None = None, readonly: bool = False) -> FileBackend:
+    def open(
+        cls, path: Path | str, size: int | None = None, readonly: bool = False,
+        thick: bool = False,
+    ) -> FileBackend:  # fmt: skip
         """Opens FILE, creating it sparse at `size` when missing. An existing file keeps its
         data: it may grow to `size` but is never shrunk. The file is locked against a second
-        server for as long as it is open."""
+        server for as long as it is open. A thick file keeps every block allocated."""
         path = Path(path)
         if size is not None and (size <= 0 or size % SECTOR):
             raise BackendError(f"size {size} is not a positive multiple of {SECTOR} bytes")
@@ -61,12 +69,14 @@ class FileBackend(Backend):
                 os.ftruncate(fd, size)
             if size <= 0 or size % SECTOR:
                 raise BackendError(f"{path} size {size} is not a positive multiple of {SECTOR}")
+            if thick and not readonly:
+                os.posix_fallocate(fd, 0, size)
         except BaseException:
             os.close(fd)
             if created:
                 path.unlink(missing_ok=True)
             raise
-        return cls(path, fd, size, readonly, created)
+        return cls(path, fd, size, readonly, created, thick)
 
     @staticmethod
     def _lock(fd: int, path: Path) -> None:
@@ -78,17 +88,23 @@ class FileBackend(Backend):
             raise
 
     def native_ops(self) -> tuple[Any, Any]:
-        return ffi.addressof(lib.dp_file_ops), ffi.cast("void *", self.fd)
+        return ffi.addressof(lib.dp_file_ops), self._native
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
     def grow(self, size: int) -> None:
+        """Grows the file durably: the new size is on stable storage when this returns,
+        before any guest learns of it."""
         if size < self.size:
             raise BackendError(f"refusing to shrink {self.path} from {self.size} to {size}")
         if size % SECTOR:
             raise BackendError(f"size {size} is not a multiple of {SECTOR}")
-        os.ftruncate(self.fd, size)
+        if self.thick:
+            os.posix_fallocate(self.fd, 0, size)
+        elif os.fstat(self.fd).st_size < size:
+            os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
         self.size = size
 
     def close(self) -> None:

@@ -12,9 +12,9 @@ from csi_vduse.csi.errors import rpc
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.errors import Aborted, InvalidArgument, ResourceExhausted
-from csi_vduse.lifecycle.capacity import free_bytes
 from csi_vduse.lifecycle.node import NodeVolumes
 from csi_vduse.lifecycle.provisioning import Provisioner, parse_parameters
+from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.volumes import VolumeRecord
 
 RPC = pb.ControllerServiceCapability.RPC
@@ -44,9 +44,18 @@ class ControllerService(rpc_pb.ControllerServicer):
         return pb.Volume(
             volume_id=record.volume_id, capacity_bytes=record.capacity,
             volume_context={"queues": str(record.params.queues),
-                            "queueSize": str(record.params.queue_size)},
+                            "queueSize": str(record.params.queue_size),
+                            "provisioning": record.params.provisioning},
             accessible_topology=[self._topology()],
         )  # fmt: skip
+
+    def _unreadable(self, volume_id: str, reason: str) -> tuple[pb.Volume, pb.VolumeCondition]:
+        """A volume whose record cannot be read: reported, never hidden."""
+        volume = pb.Volume(
+            volume_id=volume_id, capacity_bytes=self.provisioner.image_size(volume_id),
+            accessible_topology=[self._topology()],
+        )  # fmt: skip
+        return volume, pb.VolumeCondition(abnormal=True, message=f"record unreadable: {reason}")
 
     def _condition(self, record: VolumeRecord) -> pb.VolumeCondition:
         if self.provisioner.image_missing(record):
@@ -107,33 +116,39 @@ class ControllerService(rpc_pb.ControllerServicer):
     def ListVolumes(self, request: Any, context: Any) -> pb.ListVolumesResponse:
         if request.max_entries < 0:
             raise InvalidArgument("max_entries may not be negative")
-        records = self.provisioner.list()
+        records, unreadable = self.provisioner.scan()
+        volumes = [(self._volume(r), self._condition(r)) for r in records]
+        volumes += [self._unreadable(vid, why) for vid, why in unreadable.items()]
+        volumes.sort(key=lambda v: v[0].volume_id)
         start = 0
         if request.starting_token:
-            if not request.starting_token.isdigit() or int(request.starting_token) > len(records):
+            if not request.starting_token.isdigit() or int(request.starting_token) > len(volumes):
                 raise Aborted(f"starting_token {request.starting_token!r} is not valid any more")
             start = int(request.starting_token)
         count = request.max_entries or MAX_LIST_ENTRIES
-        page = records[start : start + count]
+        page = volumes[start : start + count]
         end = start + len(page)
         entries = [
             pb.ListVolumesResponse.Entry(
-                volume=self._volume(r),
-                status=pb.ListVolumesResponse.VolumeStatus(volume_condition=self._condition(r)),
+                volume=volume,
+                status=pb.ListVolumesResponse.VolumeStatus(volume_condition=condition),
             )
-            for r in page
+            for volume, condition in page
         ]
         return pb.ListVolumesResponse(
-            entries=entries, next_token=str(end) if end < len(records) else ""
+            entries=entries, next_token=str(end) if end < len(volumes) else ""
         )
 
     @rpc
     def ControllerGetVolume(self, request: Any, context: Any) -> pb.ControllerGetVolumeResponse:
-        record = self.provisioner.get(request.volume_id)
-        status = pb.ControllerGetVolumeResponse.VolumeStatus(
-            volume_condition=self._condition(record)
-        )
-        return pb.ControllerGetVolumeResponse(volume=self._volume(record), status=status)
+        try:
+            record = self.provisioner.get(request.volume_id)
+        except UnreadableRecord as e:
+            volume, condition = self._unreadable(request.volume_id, e.reason)
+        else:
+            volume, condition = self._volume(record), self._condition(record)
+        status = pb.ControllerGetVolumeResponse.VolumeStatus(volume_condition=condition)
+        return pb.ControllerGetVolumeResponse(volume=volume, status=status)
 
     @rpc
     def GetCapacity(self, request: Any, context: Any) -> pb.GetCapacityResponse:
@@ -144,10 +159,10 @@ class ControllerService(rpc_pb.ControllerServicer):
         topology = request.accessible_topology
         if topology.segments and not self._on_this_node([topology]):
             return pb.GetCapacityResponse(available_capacity=0)
-        self.provisioner.store.ensure()
-        free = free_bytes(self.provisioner.data_dir)
+        available = self.provisioner.available()
         return pb.GetCapacityResponse(
-            available_capacity=free, maximum_volume_size=wrappers_pb2.Int64Value(value=free)
+            available_capacity=available,
+            maximum_volume_size=wrappers_pb2.Int64Value(value=available),
         )
 
     @rpc

@@ -16,6 +16,7 @@ from csi_vduse import errors
 from csi_vduse.backends import BackendError
 from csi_vduse.lifecycle.attachment import AttachError, DeviceBusy
 from csi_vduse.lifecycle.mounts import MountError
+from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.volumes import InvalidId
 
 log = logging.getLogger("csi_vduse.rpc")
@@ -30,6 +31,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.FailedPrecondition, Code.FAILED_PRECONDITION),
     (DeviceBusy, Code.FAILED_PRECONDITION),
     (BackendError, Code.FAILED_PRECONDITION),
+    (UnreadableRecord, Code.FAILED_PRECONDITION),
     (errors.OutOfRange, Code.OUT_OF_RANGE),
     (errors.ResourceExhausted, Code.RESOURCE_EXHAUSTED),
     (errors.Aborted, Code.ABORTED),

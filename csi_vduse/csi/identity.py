@@ -38,8 +38,18 @@ class IdentityService(rpc_pb.IdentityServicer):
 
     @rpc
     def Probe(self, request: Any, context: Any) -> pb.ProbeResponse:
-        ready = True
-        if "node" in self.config.components:
-            checks = {c.name: c.ok for c in run_checks()}
-            ready = all(checks.get(name, False) for name in READY_CHECKS)
+        """Ready when this host can serve VDUSE volumes (the external-provisioner waits
+        for it). Process liveness is /livez of the health endpoint, not this."""
+        ready = not host_problems(self.config)
         return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=ready))
+
+
+def host_problems(config: ServeConfig) -> list[str]:
+    """Why this host cannot serve VDUSE volumes, with the fix; empty when it can."""
+    if "node" not in config.components:
+        return []
+    return [
+        f"{c.name}: {c.detail} (fix: {c.fix})"
+        for c in run_checks()
+        if c.name in READY_CHECKS and not c.ok
+    ]

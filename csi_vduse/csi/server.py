@@ -12,15 +12,19 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from csi_vduse.config import ServeConfig
 from csi_vduse.csi.controller import ControllerService
-from csi_vduse.csi.identity import IdentityService
+from csi_vduse.csi.identity import IdentityService, host_problems
 from csi_vduse.csi.node import NodeService
+from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
+from csi_vduse.health import HealthServer
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.node import NodeVolumes
 from csi_vduse.lifecycle.provisioning import Provisioner
+from csi_vduse.metrics import VolumeCollector
 from csi_vduse.state.staging import StagingStore
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,9 @@ class Driver:
         self.locks = VolumeLocks()
         self.node: NodeVolumes | None = None
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self._stop = threading.Event()
+        self._reconciler: threading.Thread | None = None
+        self.health: HealthServer | None = None
         rpc_pb.add_IdentityServicer_to_server(IdentityService(config), self.server)
         if "node" in config.components:
             self.node = NodeVolumes(config.data_dir, config.state_dir, self.locks,
@@ -70,8 +77,14 @@ class Driver:
     def start(self) -> None:
         for d in (self.config.state_dir, self.config.data_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for problem in host_problems(self.config):
+            log.warning("this host cannot serve VDUSE volumes yet: %s", problem)
         if self.node is not None:
-            self.node.recover()
+            self.node.reconcile()
+            self._reconciler = threading.Thread(
+                target=self._reconcile_loop, name="reconciler", daemon=True
+            )
+            self._reconciler.start()
         path = self.config.socket_path
         prepare_socket(path)
         old = os.umask(0o177)
@@ -81,14 +94,54 @@ class Driver:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+        if self.config.health_address:
+            registry = CollectorRegistry()
+            if self.node is not None:
+                registry.register(VolumeCollector(self.node))
+            self.health = HealthServer(
+                self.config.health_address, self.liveness_problems, self.readiness_problems,
+                registry,
+            )  # fmt: skip
+            self.health.start()
         log.info("serving CSI on %s", path, extra={
             "driver": self.config.driver_name, "node": self.config.node_id,
             "components": ",".join(self.config.components),
         })  # fmt: skip
 
+    def _reconcile_loop(self) -> None:
+        assert self.node is not None
+        while not self._stop.wait(self.config.reconcile_interval):
+            try:
+                self.node.reconcile()
+            except Exception:
+                log.exception("reconcile pass failed")
+
+    def liveness_problems(self) -> list[str]:
+        """What a restart of this process would fix: the CSI socket does not answer, or
+        a thread that serves volumes died."""
+        problems = []
+        try:
+            with grpc.insecure_channel(f"unix://{self.config.socket_path}") as channel:
+                rpc_pb.IdentityStub(channel).GetPluginInfo(pb.GetPluginInfoRequest(), timeout=5)
+        except grpc.RpcError as e:
+            problems.append(f"the CSI socket does not answer: {e.code().name}")
+        if self._reconciler is not None and not self._reconciler.is_alive():
+            problems.append("the reconciler thread stopped")
+        if self.node is not None:
+            problems += self.node.dead_threads()
+        return problems
+
+    def readiness_problems(self) -> list[str]:
+        return host_problems(self.config)
+
     def stop(self) -> None:
         """Stops answering; staged volumes stay (their kernel devices outlive us)."""
+        self._stop.set()
+        if self.health is not None:
+            self.health.stop()
         self.server.stop(grace=5).wait()
+        if self._reconciler is not None:
+            self._reconciler.join()
         if self.node is not None:
             self.node.shutdown()
         self.config.socket_path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from csi_vduse.dataplane.tuning import DataPlaneTuning
 
 SECTOR = 512
 MAX_QUEUES = 64
+MIN_QUEUE_SIZE = lib.DP_MIN_QUEUE_SIZE
 MAX_QUEUE_SIZE = lib.DP_MAX_QUEUE_SIZE
 DISCARD_MAX_SECTORS = (1 << 30) // SECTOR
 DISCARD_MAX_SEGMENTS = 32
@@ -25,9 +26,24 @@ class BlkParams:
     blk_size: int = SECTOR
     tuning: DataPlaneTuning = field(default_factory=DataPlaneTuning)
 
+    def __post_init__(self) -> None:
+        check_queues(self.queues, self.queue_size)
+
     @property
     def seg_max(self) -> int:
-        return int(min(self.queue_size, lib.DP_MAX_SEGS)) - 2
+        """Data segments per request: a ring without indirect descriptors must hold the
+        header and the status besides them (at least 2 with the smallest queue)."""
+        return int(min(self.queue_size, lib.DP_MAX_DESCS)) - 2
+
+
+def check_queues(queues: int, queue_size: int) -> None:
+    if not 1 <= queues <= MAX_QUEUES:
+        raise ValueError(f"queues must be in [1, {MAX_QUEUES}], not {queues}")
+    if not MIN_QUEUE_SIZE <= queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
+        raise ValueError(
+            f"queue size must be a power of two in [{MIN_QUEUE_SIZE}, {MAX_QUEUE_SIZE}] "
+            f"(room for a request's header, data and status), not {queue_size}"
+        )
 
 
 def features(p: BlkParams) -> int:

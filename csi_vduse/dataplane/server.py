@@ -3,11 +3,14 @@ messages; one C worker per virtqueue serves requests without the GIL."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import os
 import select
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from csi_vduse._native import ffi, lib
@@ -26,7 +29,14 @@ ALL_IOVA = (0, 2**64 - 1)
 STATS_FIELDS = (
     "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
     "read_bytes", "written_bytes", "errors", "unsupported", "bad_chains",
+    "faults", "poisoned", "enospc",
 )  # fmt: skip
+BROKEN_REASONS = {
+    lib.DP_BROKEN_RING: "its ring is corrupt (an index or a ring address out of range)",
+    lib.DP_BROKEN_NO_STATUS: "the guest sent a request without a status byte to fail it in",
+    lib.DP_BROKEN_FAULT: "guest memory faulted where no request could be failed",
+    lib.DP_BROKEN_ORDER: "internal error: a completion out of ring order",
+}
 
 
 @dataclass
@@ -34,17 +44,49 @@ class _Queue:
     index: int
     native: Any
     kick_fd: int
-    thread: threading.Thread
+    thread: threading.Thread | None = None
+    exit_code: int = 0
+
+
+class RequestLog:
+    """The queues' crash records (struct dp_log, one page per queue) in a shared file
+    mapping, so that they outlive the process; anonymous memory without a path."""
+
+    def __init__(self, queues: int, path: Path | None, fresh: bool) -> None:
+        size = queues * lib.DP_LOG_SIZE
+        if path is None:
+            self._map = mmap.mmap(-1, size)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                if fresh:
+                    os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+                self._map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+        self._base = ffi.from_buffer(self._map)
+
+    def queue(self, index: int) -> Any:
+        return ffi.cast("struct dp_log *", self._base + index * lib.DP_LOG_SIZE)
+
+    def close(self) -> None:
+        del self._base
+        self._map.close()
 
 
 class BlockServer:
-    def __init__(self, device: VduseDevice, backend: Backend, params: BlkParams) -> None:
+    def __init__(
+        self, device: VduseDevice, backend: Backend, params: BlkParams,
+        log_path: Path | None = None, fresh: bool = True,
+    ) -> None:  # fmt: skip
         self.device = device
         self.backend = backend
         self.params = params
         self._tlb = ffi.new("struct dp_iotlb *")
-        if lib.dp_iotlb_init(self._tlb, device.fd) != 0:
-            raise OSError("cannot initialise the IOTLB lock")
+        if lib.dp_iotlb_init(self._tlb, device.fd, 2 * params.queues + lib.DP_MIN_MAPS) != 0:
+            raise OSError("cannot initialise the IOTLB")
         self._blk = ffi.new("struct dp_blk *")
         ops, ctx = backend.native_ops()
         self._blk.ops = ops
@@ -58,16 +100,21 @@ class BlockServer:
             self._blk.max_write_zeroes_seg = DISCARD_MAX_SEGMENTS
         serial = params.serial.encode()[: lib.VIRTIO_BLK_ID_BYTES]
         ffi.memmove(self._blk.serial, serial, len(serial))
+        self._log = RequestLog(params.queues, log_path, fresh)
         self._queues: list[_Queue] = []
         self._queue_stop_fd = -1
         self._last_avail: dict[int, int] = {}
         self._retired = dict.fromkeys(STATS_FIELDS, 0)
+        self._reported: set[int] = set()
         self._lock = threading.Lock()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self._events_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread = threading.Thread(
             target=self._serve_messages, name=f"vduse-{device.name}-ctl", daemon=True
         )
+        self._stopping = False
         self.broken = False
+        self.control_error = ""
 
     def start(self, resume: bool = False) -> None:
         """Starts answering the kernel. With `resume`, queues the driver already runs
@@ -79,12 +126,15 @@ class BlockServer:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopping = True
         if self._thread.is_alive():
             os.eventfd_write(self._stop_fd, 1)
             self._thread.join()
         self._stop_queues()
         lib.dp_iotlb_destroy(self._tlb)
-        os.close(self._stop_fd)
+        for fd in (self._stop_fd, self._events_fd):
+            os.close(fd)
+        self._log.close()
 
     @property
     def running_queues(self) -> int:
@@ -103,6 +153,51 @@ class BlockServer:
         with self._lock:
             return [int(q.native.vq.used_idx) for q in self._queues]
 
+    def dead_threads(self) -> list[str]:
+        """Threads of this device that died while it is served: a new process would
+        serve it again (unlike a broken device or queue, which needs a reset)."""
+        if self._stopping or self.broken:
+            return []
+        found = []
+        if not self._thread.is_alive():
+            detail = f": {self.control_error}" if self.control_error else ""
+            found.append(f"{self.device.name}: its control thread stopped{detail}")
+        with self._lock:
+            queues = list(self._queues)
+        for q in queues:
+            if q.thread is not None and not q.thread.is_alive():
+                found.append(
+                    f"{self.device.name}: queue {q.index} worker exited "
+                    f"({os.strerror(-q.exit_code) if q.exit_code else 'no error'})"
+                )
+        return found
+
+    def problems(self) -> list[str]:
+        """What keeps this device from serving its guest; empty when healthy."""
+        found = []
+        if self.broken:
+            found.append(
+                "the kernel marked the VDUSE device broken (a control message timed out); "
+                "restage the volume"
+            )
+        found += self.dead_threads()
+        with self._lock:
+            queues = list(self._queues)
+        for q in queues:
+            broken = int(q.native.vq.broken)
+            if broken:
+                found.append(
+                    f"queue {q.index} stopped: {BROKEN_REASONS.get(broken, 'unknown')} "
+                    f"(head {int(q.native.vq.broken_head)}); its requests wait for a device reset"
+                )
+        if any(q.native.write_enospc for q in queues):
+            found.append("writes fail: the node's data dir is out of space (ENOSPC)")
+        return found
+
+    def broken_queues(self) -> int:
+        with self._lock:
+            return sum(1 for q in self._queues if q.native.vq.broken)
+
     def resize(self, size: int) -> None:
         """Publishes a new capacity: data plane bound first, then config space and IRQ."""
         self._blk.capacity = size // SECTOR
@@ -111,14 +206,24 @@ class BlockServer:
         self.device.inject_config_irq()
 
     def _serve_messages(self) -> None:
+        try:
+            self._message_loop()
+        except Exception as e:
+            log.exception("%s: the control thread failed", self.device.name)
+            self.control_error = str(e)
+
+    def _message_loop(self) -> None:
         poller = select.poll()
         poller.register(self.device.fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
+        poller.register(self._events_fd, select.POLLIN)
         while True:
             for fd, events in poller.poll():
                 if fd == self._stop_fd:
                     return
-                if events & (select.POLLERR | select.POLLHUP):
+                if fd == self._events_fd:
+                    self._report_broken_queues()
+                elif events & (select.POLLERR | select.POLLHUP):
                     log.error("VDUSE device %s is broken; no longer serving", self.device.name)
                     self.broken = True
                     return
@@ -129,6 +234,21 @@ class BlockServer:
                     log.exception("VDUSE request %s failed", req)
                     ok, vq, avail = False, 0, 0
                 self.device.respond(req.request_id, ok, vq, avail)
+
+    def _report_broken_queues(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._events_fd)
+        with self._lock:
+            queues = list(self._queues)
+        for q in queues:
+            reason = int(q.native.vq.broken)
+            if reason and q.index not in self._reported:
+                self._reported.add(q.index)
+                log.error(
+                    "%s: queue %d stopped: %s (head %d); its requests wait until the driver "
+                    "resets the device", self.device.name, q.index,
+                    BROKEN_REASONS.get(reason, "unknown"), int(q.native.vq.broken_head),
+                )  # fmt: skip
 
     def _handle(self, req: Request) -> tuple[bool, int, int]:
         if req.type == lib.VDUSE_GET_VQ_STATE:
@@ -142,6 +262,7 @@ class BlockServer:
                 lib.dp_iotlb_invalidate(self._tlb, *ALL_IOVA)
                 if req.status == 0:
                     self._last_avail.clear()
+                    self._reported.clear()
             return True, 0, 0
         if req.type == lib.VDUSE_UPDATE_IOTLB:
             lib.dp_iotlb_invalidate(self._tlb, req.iova_start, req.iova_last)
@@ -156,54 +277,78 @@ class BlockServer:
                     return int(q.native.vq.last_avail_idx)
         return self._last_avail.get(index, 0)
 
+    def _new_queue(self, index: int, event_idx: bool) -> _Queue | None:
+        info = self.device.vq_info(index)
+        if not info.ready:
+            return None
+        kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        native = lib.dp_queue_new(
+            index, self.device.fd, kick_fd, self._queue_stop_fd, self._blk, self._tlb,
+            self.params.seg_max + 2, self._log.queue(index),
+        )  # fmt: skip
+        if native == ffi.NULL:
+            os.close(kick_fd)
+            raise MemoryError("dp_queue_new")
+        native = ffi.gc(native, lib.dp_queue_free)
+        native.parallel_min_bytes = self.params.tuning.parallel_min_bytes
+        native.poll_us = self.params.tuning.poll_us
+        native.event_fd = self._events_fd
+        lib.dp_vq_init(
+            ffi.addressof(native.vq), self._tlb, info.num, info.desc_addr,
+            info.driver_addr, info.device_addr, info.avail_index, event_idx,
+        )  # fmt: skip
+        self.device.vq_set_kickfd(index, kick_fd)
+        return _Queue(index, native, kick_fd)
+
     def _start_queues(self, resume: bool = False) -> None:
+        """Sets every queue up (and on resume maps every ring) before any worker runs: a
+        worker under load would otherwise delay the ring faults of the queues after it."""
         event_idx = bool(self.device.features() & (1 << lib.VIRTIO_RING_F_EVENT_IDX))
         self._queue_stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        for index in range(self.params.queues):
-            info = self.device.vq_info(index)
-            if not info.ready:
-                continue
-            kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self.device.vq_set_kickfd(index, kick_fd)
-            native = lib.dp_queue_new(
-                index,
-                self.device.fd,
-                kick_fd,
-                self._queue_stop_fd,
-                self._blk,
-                self._tlb,
-                self.params.seg_max + 2,
-            )
-            if native == ffi.NULL:
-                os.close(kick_fd)
-                raise MemoryError("dp_queue_new")
-            native = ffi.gc(native, lib.dp_queue_free)
-            native.parallel_min_bytes = self.params.tuning.parallel_min_bytes
-            native.poll_us = self.params.tuning.poll_us
-            lib.dp_vq_init(
-                ffi.addressof(native.vq), self._tlb, info.num, info.desc_addr,
-                info.driver_addr, info.device_addr, info.avail_index, event_idx,
+        queues: list[_Queue] = []
+        try:
+            for index in range(self.params.queues):
+                q = self._new_queue(index, event_idx)
+                if q is None:
+                    continue
+                queues.append(q)
+                if resume and lib.dp_queue_resume(q.native) != 0:
+                    raise OSError(f"{self.device.name}: queue {index} rings cannot be mapped")
+        except BaseException:
+            for q in queues:
+                os.close(q.kick_fd)
+            os.close(self._queue_stop_fd)
+            self._queue_stop_fd = -1
+            raise
+        for q in queues:
+            q.thread = threading.Thread(
+                target=self._run_queue, args=(q,), name=f"vduse-{self.device.name}-q{q.index}",
+                daemon=True,
             )  # fmt: skip
-            if resume and lib.dp_queue_resume(native) != 0:
-                os.close(kick_fd)
-                raise OSError(f"{self.device.name}: queue {index} rings cannot be mapped")
-            thread = threading.Thread(
-                target=lib.dp_queue_run, args=(native,),
-                name=f"vduse-{self.device.name}-q{index}", daemon=True,
-            )  # fmt: skip
-            with self._lock:
-                self._queues.append(_Queue(index, native, kick_fd, thread))
-            thread.start()
-        log.info("%s: serving %d queue(s)", self.device.name, len(self._queues))
+        with self._lock:
+            self._queues = queues
+        for q in queues:
+            assert q.thread is not None
+            q.thread.start()
+        log.info("%s: serving %d queue(s)", self.device.name, len(queues))
+
+    def _run_queue(self, q: _Queue) -> None:
+        q.exit_code = lib.dp_queue_run(q.native)
+        if q.exit_code:
+            log.error("%s: queue %d worker failed: %s", self.device.name, q.index,
+                      os.strerror(-q.exit_code))  # fmt: skip
 
     def _stop_queues(self) -> None:
         with self._lock:
             queues, self._queues = self._queues, []
         if not queues:
             return
+        for q in queues:
+            lib.dp_queue_request_stop(q.native)
         os.eventfd_write(self._queue_stop_fd, 1)
         for q in queues:
-            q.thread.join()
+            if q.thread is not None:
+                q.thread.join()
             self._last_avail[q.index] = int(q.native.vq.last_avail_idx)
             with self._lock:
                 for name in STATS_FIELDS:

@@ -7,6 +7,7 @@ serving, release the fd, destroy."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Attachment:
     backend: Backend
     params: BlkParams
     driver: str = sysfs.VIRTIO_VDPA
+    log_path: Path | None = None  # the queues' crash records; must outlive the process
     device_path: Path | None = None
     _server: BlockServer | None = None
     _device: VduseDevice | None = None
@@ -66,7 +68,7 @@ class Attachment:
             self._device = VduseDevice(self.name)
             for index in range(self.params.queues):
                 self._device.vq_setup(index, self.params.queue_size)
-            self._server = BlockServer(self._device, self.backend, self.params)
+            self._server = BlockServer(self._device, self.backend, self.params, self.log_path)
             self._server.start()
             vdpa.add(self.name)
             self._added = True
@@ -85,7 +87,11 @@ class Attachment:
         self._created = True
         try:
             self._device = VduseDevice(self.name)
-            self._server = BlockServer(self._device, self.backend, self.params)
+            if self._device.features() & (1 << lib.VIRTIO_BLK_F_RO) and not self.params.readonly:
+                self.params = dataclasses.replace(self.params, readonly=True)
+            self._server = BlockServer(
+                self._device, self.backend, self.params, self.log_path, fresh=False
+            )
             self._server.start(resume=True)
             if vdpa.get(self.name) is None:
                 vdpa.add(self.name)

@@ -35,7 +35,27 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def ensure_space(path: Path, needed: int) -> None:
-    free = free_bytes(path)
-    if needed > free:
-        raise ResourceExhausted(f"{needed} bytes requested but only {free} are free in {path}")
+def unwritten_bytes(images: Path) -> int:
+    """What the sparse images under `images` may still take: their sizes less what they
+    already hold. Space promised to a volume is not promised again."""
+    total = 0
+    for image in images.glob("*.img"):
+        try:
+            st = image.stat()
+        except FileNotFoundError:
+            continue
+        total += max(0, st.st_size - st.st_blocks * 512)
+    return total
+
+
+def available_bytes(data_dir: Path, images: Path) -> int:
+    return max(0, free_bytes(data_dir) - unwritten_bytes(images))
+
+
+def ensure_space(data_dir: Path, images: Path, needed: int) -> None:
+    available = available_bytes(data_dir, images)
+    if needed > available:
+        raise ResourceExhausted(
+            f"{needed} bytes requested but only {available} are free in {data_dir} "
+            "(free space less what existing volumes may still write)"
+        )

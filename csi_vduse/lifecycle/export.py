@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from csi_vduse.backends import FileBackend
-from csi_vduse.dataplane.blk_device import MAX_QUEUE_SIZE, MAX_QUEUES, BlkParams
+from csi_vduse.dataplane.blk_device import MAX_QUEUE_SIZE, MAX_QUEUES, MIN_QUEUE_SIZE, BlkParams
 from csi_vduse.lifecycle.attachment import Attachment
 from csi_vduse.lifecycle.names import check_device_name
 from csi_vduse.units import parse_size
@@ -39,7 +39,9 @@ class ExportOptions(BaseModel):
         AfterValidator(_positive_size),
     ] = None  # fmt: skip
     queues: Annotated[int, Field(ge=1, le=MAX_QUEUES)] = 1
-    queue_size: Annotated[int, Field(ge=2, le=MAX_QUEUE_SIZE), AfterValidator(_power_of_two)] = 256
+    queue_size: Annotated[
+        int, Field(ge=MIN_QUEUE_SIZE, le=MAX_QUEUE_SIZE), AfterValidator(_power_of_two)
+    ] = 256
     readonly: bool = False
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 SUPPORTED_FS = ("ext4", "xfs")
 DEFAULT_FS = "ext4"
+# Never forced (-F, -f): on anything that looks like data the tools refuse as well.
 MKFS = {
-    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
-    "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
+    "ext4": ["mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
+    "xfs": ["mkfs.xfs", "-q", "-K"],
 }
+LOOP_SYSFS = Path("/sys/block")
 
 
 class MountError(RuntimeError):
@@ -61,7 +63,7 @@ def device_number(device: Path) -> str:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True)
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise MountError(
@@ -70,17 +72,52 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def probe_fs(device: Path) -> str | None:
-    """The file system type on `device`, or None when it holds no signature at all.
-    Any other failure is an error, never "empty": formatting on a guess loses data."""
+@dataclass(frozen=True)
+class Signature:
+    """What blkid found on a device: a file system, a partition table, RAID, LVM..."""
+
+    usage: str  # filesystem, partition table, raid, crypto, other
+    type: str
+
+    @property
+    def mountable(self) -> bool:
+        return self.usage == "filesystem" and self.type in SUPPORTED_FS
+
+
+def _check_readable(device: Path) -> None:
+    """blkid also says "nothing found" when it could not look: make sure it could."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.pread(fd, 1 << 20, 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise MountError(f"cannot read {device} to look for data on it: {e}") from None
+
+
+def probe(device: Path) -> Signature | None:
+    """The signature on `device`, or None when blkid finds none at all. Any other outcome
+    (an unreadable device, several signatures) is an error or data, never "empty":
+    formatting on a guess loses data."""
     result = subprocess.run(
-        ["blkid", "-p", "-o", "value", "-s", "TYPE", str(device)], capture_output=True, text=True
-    )
-    if result.returncode == 0:
-        return result.stdout.strip() or None
+        ["blkid", "-p", "-o", "export", str(device)],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
     if result.returncode == 2:
+        _check_readable(device)
         return None
-    raise MountError(f"blkid could not read {device}: {result.stderr.strip() or result.returncode}")
+    if result.returncode == 8:
+        return Signature("ambivalent", "several signatures")
+    if result.returncode != 0:
+        reason = result.stderr.strip() or f"exit {result.returncode}"
+        raise MountError(f"blkid could not read {device}: {reason}")
+    tags = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    if tags.get("TYPE"):
+        return Signature(tags.get("USAGE", "other"), tags["TYPE"])
+    if tags.get("PTTYPE"):
+        return Signature("partition table", tags["PTTYPE"])
+    return Signature("other", ", ".join(f"{k}={v}" for k, v in tags.items()) or "unknown")
 
 
 def mkfs(device: Path, fs_type: str) -> None:
@@ -94,6 +131,33 @@ def mount(source: Path, target: Path, fs_type: str | None, options: list[str]) -
     if options:
         argv += ["-o", ",".join(options)]
     _run([*argv, str(source), str(target)])
+
+
+def readonly_view(device: Path) -> Path:
+    """A read-only loop device over `device`: a bind mount cannot make a device node
+    read-only (MNT_READONLY does not apply to device special files), the loop can."""
+    argv = ["losetup", "--find", "--show", "--read-only", str(device)]
+    try:
+        result = _run([*argv[:-1], "--direct-io=on", argv[-1]])
+    except MountError:
+        result = _run(argv)
+    return Path(result.stdout.strip())
+
+
+def loop_backing(loop_name: str) -> str | None:
+    try:
+        return (LOOP_SYSFS / loop_name / "loop" / "backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
+def loops_over(device: Path) -> list[str]:
+    real = os.path.realpath(device)
+    return sorted(p.name for p in LOOP_SYSFS.glob("loop*") if loop_backing(p.name) == real)
+
+
+def detach_loop(loop_name: str) -> None:
+    _run(["losetup", "--detach", f"/dev/{loop_name}"])
 
 
 def bind_mount(source: Path, target: Path, readonly: bool) -> None:
@@ -147,5 +211,6 @@ def users(device: Path, ignore_targets: frozenset[str] = frozenset()) -> list[st
             reasons.append(f"bind-mounted at {entry.target}")
     holders = Path("/sys/class/block") / device.name / "holders"
     reasons += [f"held by {h.name}" for h in holders.glob("*")]
+    reasons += [f"backs /dev/{loop}" for loop in loops_over(device)]
     reasons += [f"open by {who}" for who in openers(device)]
     return reasons

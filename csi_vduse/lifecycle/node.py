@@ -1,5 +1,7 @@
 """Node-side volume lifecycle: stage (device + file system), publish (bind mounts),
-expand, stats, unstage. Teardown never discards a device that is mounted or open."""
+expand, stats, unstage, and the reconciler that serves again what a previous process
+left. Teardown never discards a device that is mounted or open, and nothing answers
+"done" while a device of the volume exists that this process does not serve."""
 
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from csi_vduse.lifecycle.attachment import Attachment
 from csi_vduse.lifecycle.capacity import pick_capacity
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.provisioning import volume_id_or_raise
+from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.staging import StageRecord, StagingStore
-from csi_vduse.state.volumes import VolumeRecord, VolumeStore
+from csi_vduse.state.volumes import VolumeRecord, VolumeStore, check_volume_id
 
 log = logging.getLogger(__name__)
 
@@ -63,38 +66,67 @@ def _path_arg(value: str, what: str) -> Path:
     return Path(value)
 
 
+def vduse_devices() -> set[str]:
+    """Volume ids that have a VDUSE device on this node, served or not."""
+    try:
+        names = os.listdir(DEVICE_DIR)
+    except FileNotFoundError:
+        return set()
+    found = set()
+    for name in names:
+        try:
+            if check_volume_id(name):
+                found.add(name)
+        except ValueError:
+            continue
+    return found
+
+
 class NodeVolumes:
     def __init__(
         self, data_dir: Path, state_dir: Path, locks: VolumeLocks, max_volumes: int
     ) -> None:
         self.store = VolumeStore(data_dir)
         self.staging = StagingStore(state_dir)
+        self.log_dir = state_dir / "dataplane"
         self.locks = locks
         self.max_volumes = max_volumes
         self.attached: dict[str, Attached] = {}
+        self.problems: dict[str, str] = {}  # why a staged volume is not served; for conditions
 
     def _record(self, volume_id: str) -> VolumeRecord:
-        record = self.store.get(volume_id) if volume_id_or_raise(volume_id) else None
+        try:
+            record = self.store.get(volume_id) if volume_id_or_raise(volume_id) else None
+        except UnreadableRecord as e:
+            raise FailedPrecondition(str(e)) from None
         if record is None:
             raise NotFound(f"volume {volume_id} does not exist on this node")
         return record
+
+    def _staged(self, volume_id: str) -> StageRecord | None:
+        try:
+            return self.staging.get(volume_id)
+        except UnreadableRecord as e:
+            raise FailedPrecondition(f"{e}; NodeUnstageVolume clears it") from None
 
     # staging
 
     def stage(self, volume_id: str, staging_path: str, access: VolumeAccess) -> None:
         target = _path_arg(staging_path, "staging_target_path")
-        record = self._record(volume_id)
-        if not target.is_dir():
-            raise InvalidArgument(f"staging_target_path {target} is not an existing directory")
+        if not volume_id_or_raise(volume_id):
+            raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
-            staged = self.staging.get(volume_id)
+            record = self._record(volume_id)
+            if not target.is_dir():
+                raise InvalidArgument(f"staging_target_path {target} is not an existing directory")
+            staged = self._staged(volume_id)
             wanted = StageRecord(
                 volume_id=volume_id, staging_path=str(target), access_type=access.access_type,
                 access_mode=access.mode, fs_type=access.fs_type,
                 mount_flags=list(access.mount_flags), readonly=access.readonly,
             )  # fmt: skip
             if staged is not None:
-                if staged.model_copy(update={"device": ""}) != wanted:
+                if not staged.same_stage(wanted):
                     raise AlreadyExists(
                         f"volume {volume_id} is already staged at {staged.staging_path} as "
                         f"{staged.access_type} (mode {staged.access_mode}); unstage it first"
@@ -133,10 +165,7 @@ class NodeVolumes:
         if current is not None:
             return current
         if (DEVICE_DIR / record.volume_id).exists():
-            raise Unavailable(
-                f"a VDUSE device for volume {record.volume_id} exists without a server "
-                "(left by a previous plugin process); it is being recovered, retry"
-            )
+            return self._adopt(record.volume_id, readonly)
         attached = self._serve(record, readonly, resume=False)
         self.attached[record.volume_id] = attached
         return attached
@@ -144,13 +173,18 @@ class NodeVolumes:
     def _serve(self, record: VolumeRecord, readonly: bool, resume: bool) -> Attached:
         """Opens the volume's image and serves it: a new device, or (`resume`) the device a
         previous process left. Both ways must describe the device the same."""
-        backend = FileBackend.open(self.store.image(record.volume_id), None, readonly)
+        backend = FileBackend.open(
+            self.store.image(record.volume_id), None, readonly,
+            thick=record.params.provisioning == "thick",
+        )  # fmt: skip
         params = BlkParams(
             capacity=backend.size, queues=record.params.queues,
             queue_size=record.params.queue_size, readonly=readonly,
             serial=record.volume_id[-20:],
         )  # fmt: skip
-        attachment = Attachment(record.volume_id, backend, params)
+        attachment = Attachment(
+            record.volume_id, backend, params, log_path=self.log_dir / f"{record.volume_id}.log"
+        )
         try:
             if resume:
                 attachment.reattach()
@@ -161,6 +195,25 @@ class NodeVolumes:
             raise
         return Attached(attachment, backend)
 
+    def _adopt(self, volume_id: str, readonly: bool) -> Attached:
+        """Serves the device a previous process left (caller holds the volume lock).
+        Raises Unavailable, with the reason kept for the volume's condition, if it cannot."""
+        try:
+            record = self._record(volume_id)
+            attached = self._serve(record, readonly, resume=True)
+        except Exception as e:
+            reason = f"its VDUSE device is not served: re-attach failed: {e}"
+            if self.problems.get(volume_id) != reason:
+                log.error("%s: %s", volume_id, reason)
+            self.problems[volume_id] = reason
+            raise Unavailable(
+                f"volume {volume_id}: {reason}; the plugin retries, fix the cause"
+            ) from None
+        self.attached[volume_id] = attached
+        self.problems.pop(volume_id, None)
+        log.info("%s: re-attached, serving %s", volume_id, attached.device)
+        return attached
+
     def _mount_fs(
         self, record: VolumeRecord, device: Path, target: Path, access: VolumeAccess
     ) -> None:
@@ -169,7 +222,7 @@ class NodeVolumes:
             if current.major_minor == mounts.device_number(device):
                 return
             raise AlreadyExists(f"{target} already has another file system mounted")
-        found = mounts.probe_fs(device)
+        found = mounts.probe(device)
         if found is None:
             if record.formatted:
                 raise FailedPrecondition(
@@ -180,36 +233,44 @@ class NodeVolumes:
                 raise FailedPrecondition(
                     f"volume {record.volume_id} holds no file system and is staged read-only"
                 )
-            found = access.fs_type or mounts.DEFAULT_FS
-            mounts.mkfs(device, found)
-            log.info("%s: formatted %s as %s", record.volume_id, device, found)
-        elif access.fs_type and found != access.fs_type:
+            fs_type = access.fs_type or mounts.DEFAULT_FS
+            mounts.mkfs(device, fs_type)
+            log.info("%s: formatted %s as %s", record.volume_id, device, fs_type)
+        elif not found.mountable:
             raise FailedPrecondition(
-                f"volume {record.volume_id} holds {found}, not the requested {access.fs_type}"
+                f"volume {record.volume_id} holds a {found.usage} ({found.type}), not an ext4 "
+                "or xfs file system; refusing to format or mount it (that would lose its data)"
             )
-        if found not in mounts.SUPPORTED_FS:
-            raise FailedPrecondition(f"volume {record.volume_id} holds unsupported {found}")
-        if not record.formatted or record.fs_type != found:
-            record.formatted, record.fs_type = True, found
+        else:
+            fs_type = found.type
+            if access.fs_type and fs_type != access.fs_type:
+                raise FailedPrecondition(
+                    f"volume {record.volume_id} holds {fs_type}, not the requested {access.fs_type}"
+                )
+        if not record.formatted or record.fs_type != fs_type:
+            record.formatted, record.fs_type = True, fs_type
             self.store.put(record)
         options = list(access.mount_flags)
         if access.readonly:
             options.append("ro")
-        if found == "xfs":
+        if fs_type == "xfs":
             options.append("nouuid")
-        mounts.mount(device, target, found, options)
+        mounts.mount(device, target, fs_type, options)
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         target = _path_arg(staging_path, "staging_target_path")
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
-            staged = self.staging.get(volume_id)
             attached = self.attached.get(volume_id)
-            if staged is None and attached is None:
+            has_device = (DEVICE_DIR / volume_id).exists()
+            if not self.staging.exists(volume_id) and attached is None and not has_device:
                 return
-            device = attached.device if attached else None
-            if device is not None:
+            if attached is None and has_device:
+                # A device nobody serves: unmounting would hang on it. Serve it first.
+                attached = self._adopt(volume_id, readonly=False)
+            if attached is not None:
+                device = attached.device
                 reasons = mounts.users(device, frozenset({os.path.realpath(target)}))
                 if reasons:
                     raise FailedPrecondition(
@@ -219,11 +280,12 @@ class NodeVolumes:
                 entry = mounts.mount_at(target)
                 if entry is not None and entry.major_minor == mounts.device_number(device):
                     mounts.umount(target)
-            if attached is not None:
                 attached.attachment.stop()
                 attached.backend.close()
                 del self.attached[volume_id]
             self.staging.delete(volume_id)
+            (self.log_dir / f"{volume_id}.log").unlink(missing_ok=True)
+            self.problems.pop(volume_id, None)
 
     # publishing
 
@@ -233,9 +295,11 @@ class NodeVolumes:
     ) -> None:  # fmt: skip
         target = _path_arg(target_path, "target_path")
         staging = _path_arg(staging_path, "staging_target_path")
-        self._record(volume_id)
+        if not volume_id_or_raise(volume_id):
+            raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
-            staged = self.staging.get(volume_id)
+            self._record(volume_id)
+            staged = self._staged(volume_id)
             attached = self.attached.get(volume_id)
             if staged is None or attached is None:
                 raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
@@ -259,13 +323,26 @@ class NodeVolumes:
     def _publish_block(self, device: Path, target: Path, ro: bool) -> None:
         entry = mounts.mount_at(target) if target.exists() else None
         if entry is not None:
-            if entry.fs_type == "devtmpfs" and entry.root == f"/{device.name}":
+            published = entry.root.lstrip("/")
+            if entry.fs_type == "devtmpfs" and (
+                published == device.name
+                if not ro
+                else mounts.loop_backing(published) == os.path.realpath(device)
+            ):
                 return
             raise AlreadyExists(f"{target} is already published from another source")
         if target.is_dir():
             raise AlreadyExists(f"{target} is a directory; a block volume needs a file")
         target.touch(exist_ok=True)
-        mounts.bind_mount(device, target, ro)
+        if not ro:
+            mounts.bind_mount(device, target, False)
+            return
+        view = mounts.readonly_view(device)
+        try:
+            mounts.bind_mount(view, target, True)
+        except BaseException:
+            mounts.detach_loop(view.name)
+            raise
 
     def _publish_mount(self, device: Path, staging: Path, target: Path, ro: bool) -> None:
         target.mkdir(exist_ok=True)
@@ -282,8 +359,14 @@ class NodeVolumes:
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
-            while target.exists() and mounts.mount_at(target) is not None:
+            views = set()
+            while target.exists() and (entry := mounts.mount_at(target)) is not None:
+                if entry.fs_type == "devtmpfs" and mounts.loop_backing(entry.root.lstrip("/")):
+                    views.add(entry.root.lstrip("/"))
                 mounts.umount(target)
+            for view in views:
+                if not any(e.root == f"/{view}" for e in mounts.mounts()):
+                    mounts.detach_loop(view)
             if target.is_dir():
                 target.rmdir()
             elif target.exists():
@@ -293,19 +376,24 @@ class NodeVolumes:
 
     def expand(self, volume_id: str, volume_path: str, required: int, limit: int) -> int:
         _path_arg(volume_path, "volume_path")
-        record = self._record(volume_id)
+        if not volume_id_or_raise(volume_id):
+            raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
+            record = self._record(volume_id)
             attached = self.attached.get(volume_id)
-            staged = self.staging.get(volume_id)
+            staged = self._staged(volume_id)
             if attached is None or staged is None:
                 raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
-            wanted = pick_capacity(required, limit, default=record.capacity) if required else 0
-            capacity = max(record.capacity, wanted, attached.backend.size)
-            if capacity > attached.backend.size:
-                attached.backend.grow(capacity)
             server = attached.attachment.server
             if server is None:
                 raise Unavailable(f"volume {volume_id} has no data plane")
+            wanted = pick_capacity(required, limit, default=record.capacity) if required else 0
+            capacity = max(record.capacity, wanted, attached.backend.size)
+            if capacity > attached.backend.size:
+                attached.backend.grow(capacity)  # durable before any guest sees it
+            if capacity > record.capacity:
+                record.capacity = capacity
+                self.store.put(record)
             size_file = Path("/sys/class/block") / attached.device.name / "size"
             if int(size_file.read_text()) * SECTOR < capacity:
                 server.resize(capacity)
@@ -317,25 +405,29 @@ class NodeVolumes:
             if staged.access_type == "mount":
                 fs_type = record.fs_type or mounts.DEFAULT_FS
                 mounts.grow_fs(attached.device, Path(staged.staging_path), fs_type)
-            if capacity > record.capacity:
-                record.capacity = capacity
-                self.store.put(record)
             return capacity
 
     def condition(self, volume_id: str) -> tuple[bool, str]:
-        """(abnormal, message) as the data plane sees the volume."""
+        """(abnormal, message) as this node sees the volume."""
+        problem = self.problems.get(volume_id)
+        if problem is not None:
+            return True, problem
         attached = self.attached.get(volume_id)
         if attached is None:
-            if self.staging.get(volume_id) is not None:
+            if self.staging.exists(volume_id):
                 return True, "volume is staged but its data plane is not running"
             return False, "volume is not staged on this node"
         server = attached.attachment.server
-        if server is None or server.broken:
-            return True, "the VDUSE device stopped answering; the volume needs restaging"
+        if server is None:
+            return True, "volume has no data plane"
+        found = server.problems()
+        if found:
+            return True, "; ".join(found)
         stats = server.stats()
-        if stats["bad_chains"]:
-            return True, f"{stats['bad_chains']} malformed requests were refused"
-        return False, f"served by {attached.device}; {stats['errors']} I/O errors so far"
+        return False, (
+            f"served by {attached.device}; {stats['errors']} I/O errors and "
+            f"{stats['bad_chains']} malformed requests refused so far"
+        )
 
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
         path = _path_arg(volume_path, "volume_path")
@@ -355,22 +447,59 @@ class NodeVolumes:
             abnormal=abnormal, message=message,
         )  # fmt: skip
 
-    def recover(self) -> None:
-        """Serves again the devices a previous process left staged (plugin restart or
-        upgrade): the kernel kept them, and their in-flight requests resume."""
+    # reconciliation
+
+    def reconcile(self) -> None:
+        """Serves every VDUSE device of a volume on this node that nobody serves: at
+        start-up (the devices a previous process left staged) and periodically (what
+        failed before). Reports in the volumes' conditions what it cannot fix."""
         self.staging.ensure()
-        for staged in self.staging.all():
-            volume_id = staged.volume_id
-            record = self.store.get(volume_id)
-            if record is None or not (DEVICE_DIR / volume_id).exists():
-                continue  # NodeStage or NodeUnstage converges from the record
-            try:
-                attached = self._serve(record, staged.readonly, resume=True)
-            except Exception:
-                log.exception("%s: cannot re-attach its VDUSE device", volume_id)
+        staged, unreadable = self.staging.scan()
+        by_id = {r.volume_id: r for r in staged}
+        for volume_id, reason in unreadable.items():
+            log.error("%s: staging record unreadable: %s", volume_id, reason)
+        devices = vduse_devices()
+        for volume_id in sorted(set(by_id) | set(unreadable) | devices):
+            if volume_id in self.attached:
                 continue
-            self.attached[volume_id] = attached
-            log.info("%s: re-attached at %s", volume_id, attached.device)
+            try:
+                with self.locks.hold(volume_id):
+                    self._reconcile_one(volume_id, by_id.get(volume_id), volume_id in devices)
+            except Exception as e:  # busy (retried next round) or reported in its condition
+                log.debug("%s: not reconciled now: %s", volume_id, e)
+
+    def _reconcile_one(self, volume_id: str, staged: StageRecord | None, has_device: bool) -> None:
+        if volume_id in self.attached:
+            return
+        if not has_device:
+            if staged is not None:
+                self.problems[volume_id] = (
+                    "volume is staged but its VDUSE device is gone; NodeStageVolume "
+                    "creates it again"
+                )
+            return
+        attached = self._adopt(volume_id, staged.readonly if staged else False)
+        if staged is not None or self.staging.exists(volume_id):
+            return
+        # A device without a staging record (its record was lost): released when unused.
+        if attached.attachment.in_use():
+            self.problems[volume_id] = (
+                f"served at {attached.device}, but it has no staging record; "
+                "NodeUnstageVolume releases it"
+            )
+            return
+        log.warning("%s: released a VDUSE device without a staging record", volume_id)
+        attached.attachment.stop()
+        attached.backend.close()
+        del self.attached[volume_id]
+
+    def dead_threads(self) -> list[str]:
+        found = []
+        for attached in list(self.attached.values()):
+            server = attached.attachment.server
+            if server is not None:
+                found += server.dead_threads()
+        return found
 
     def shutdown(self) -> None:
         """Leaves every volume staged: the kernel devices outlive this process."""

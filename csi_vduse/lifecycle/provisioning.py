@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 
-from csi_vduse.dataplane.blk_device import MAX_QUEUE_SIZE, MAX_QUEUES
+from csi_vduse.dataplane.blk_device import check_queues
 from csi_vduse.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi_vduse.kernel.vduse import DEVICE_DIR
-from csi_vduse.lifecycle.capacity import ensure_space, pick_capacity
+from csi_vduse.lifecycle.capacity import available_bytes, ensure_space, pick_capacity
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.state.atomic import fsync_dir
+from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.staging import StagingStore
 from csi_vduse.state.volumes import (
     InvalidId,
@@ -27,26 +29,32 @@ K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 
 
 def parse_parameters(params: dict[str, str]) -> VolumeParams:
-    """StorageClass parameters: `queues` and `queueSize`; the CO's own keys are ignored."""
-    values: dict[str, int] = {}
+    """StorageClass parameters: `queues`, `queueSize` and `provisioning`; the CO's own keys
+    are ignored."""
+    values: dict[str, object] = {}
     for key, raw in params.items():
         if key.startswith(K8S_PARAM_PREFIX):
             continue
-        field, low, high = {
-            "queues": ("queues", 1, MAX_QUEUES),
-            "queueSize": ("queue_size", 2, MAX_QUEUE_SIZE),
-        }.get(key, ("", 0, 0))
-        if not field:
-            raise InvalidArgument(f"unknown parameter {key!r} (known: queues, queueSize)")
+        if key == "provisioning":
+            if raw not in ("thin", "thick"):
+                raise InvalidArgument(f"parameter provisioning={raw!r} must be thin or thick")
+            values["provisioning"] = raw
+            continue
+        field = {"queues": "queues", "queueSize": "queue_size"}.get(key)
+        if field is None:
+            raise InvalidArgument(
+                f"unknown parameter {key!r} (known: queues, queueSize, provisioning)"
+            )
         try:
-            value = int(raw)
+            values[field] = int(raw)
         except ValueError:
             raise InvalidArgument(f"parameter {key}={raw!r} is not an integer") from None
-        if not low <= value <= high or (field == "queue_size" and value & (value - 1)):
-            rule = " and a power of two" if field == "queue_size" else ""
-            raise InvalidArgument(f"parameter {key}={value} must be in [{low}, {high}]{rule}")
-        values[field] = value
-    return VolumeParams(**values)
+    result = VolumeParams.model_validate(values)
+    try:
+        check_queues(result.queues, result.queue_size)
+    except ValueError as e:
+        raise InvalidArgument(f"parameters queues/queueSize: {e}") from None
+    return result
 
 
 def check_name(name: str) -> None:
@@ -71,6 +79,11 @@ class Provisioner:
         self.store = VolumeStore(data_dir)
         self.staging = staging
         self.locks = locks
+        self._space = threading.Lock()  # one reservation at a time: no space promised twice
+
+    def available(self) -> int:
+        self.store.ensure()
+        return available_bytes(self.data_dir, self.store.root)
 
     def create(self, name: str, required: int, limit: int, params: dict[str, str]) -> VolumeRecord:
         check_name(name)
@@ -79,7 +92,7 @@ class Provisioner:
         volume_id = volume_id_for(name)
         self.store.ensure()
         with self.locks.hold(volume_id):
-            existing = self.store.get(volume_id)
+            existing = self._get(volume_id)
             if existing is not None:
                 fits = required <= existing.capacity and (not limit or existing.capacity <= limit)
                 if not fits or existing.params != volume_params:
@@ -91,22 +104,33 @@ class Provisioner:
             image = self.store.image(volume_id)
             # An image without a record is a create that crashed: it never held data.
             image.unlink(missing_ok=True)
-            ensure_space(self.data_dir, capacity)
-            fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, capacity)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsync_dir(image.parent)
+            with self._space:
+                ensure_space(self.data_dir, self.store.root, capacity)
+                self._write_image(image, capacity, volume_params.provisioning == "thick")
             record = VolumeRecord(
                 volume_id=volume_id, name=name, capacity=capacity, params=volume_params
             )
             self.store.put(record)
             return record
 
+    @staticmethod
+    def _write_image(image: Path, capacity: int, thick: bool) -> None:
+        fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if thick:
+                os.posix_fallocate(fd, 0, capacity)
+            else:
+                os.ftruncate(fd, capacity)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            image.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        fsync_dir(image.parent)
+
     def is_staged(self, volume_id: str) -> bool:
-        return self.staging.get(volume_id) is not None or (DEVICE_DIR / volume_id).exists()
+        return self.staging.exists(volume_id) or (DEVICE_DIR / volume_id).exists()
 
     def delete(self, volume_id: str) -> None:
         if not volume_id_or_raise(volume_id):
@@ -118,35 +142,54 @@ class Provisioner:
                 )
             self.store.delete(volume_id)
 
+    def _get(self, volume_id: str) -> VolumeRecord | None:
+        try:
+            return self.store.get(volume_id)
+        except UnreadableRecord as e:
+            raise FailedPrecondition(str(e)) from None
+
     def get(self, volume_id: str) -> VolumeRecord:
+        """The volume's record; UnreadableRecord when it exists but cannot be used."""
         record = self.store.get(volume_id) if volume_id_or_raise(volume_id) else None
         if record is None:
             raise NotFound(f"volume {volume_id} does not exist")
         return record
 
     def expand(self, volume_id: str, required: int, limit: int) -> VolumeRecord:
-        record = self.get(volume_id)
+        if not volume_id_or_raise(volume_id):
+            raise NotFound(f"volume {volume_id} does not exist")
         with self.locks.hold(volume_id):
+            record = self._get(volume_id)
+            if record is None:
+                raise NotFound(f"volume {volume_id} does not exist")
             capacity = pick_capacity(required, limit, default=record.capacity)
             if capacity <= record.capacity:
                 return record
             image = self.store.image(volume_id)
-            ensure_space(self.data_dir, capacity - record.capacity)
-            fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                if os.fstat(fd).st_size < capacity:
-                    os.ftruncate(fd, capacity)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with self._space:
+                ensure_space(self.data_dir, self.store.root, capacity - record.capacity)
+                fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    if record.params.provisioning == "thick":
+                        os.posix_fallocate(fd, 0, capacity)
+                    elif os.fstat(fd).st_size < capacity:
+                        os.ftruncate(fd, capacity)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             record.capacity = capacity
             self.store.put(record)
             return record
 
-    def list(self) -> list[VolumeRecord]:
-        return list(self.store.list())
+    def scan(self) -> tuple[list[VolumeRecord], dict[str, str]]:
+        return self.store.scan()
 
     def image_missing(self, record: VolumeRecord) -> bool:
         with contextlib.suppress(FileNotFoundError):
             return self.store.image(record.volume_id).stat().st_size < record.capacity
         return True
+
+    def image_size(self, volume_id: str) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            return self.store.image(volume_id).stat().st_size
+        return 0

@@ -5,23 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
 from csi_vduse.state.atomic import remove_durably, write_atomic
+from csi_vduse.state.records import Record, UnreadableRecord, load
 from csi_vduse.state.volumes import check_volume_id
 
 
-class StageRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StageRecord(Record):
     volume_id: str
     staging_path: str
     access_type: Literal["mount", "block"]
     access_mode: int
     fs_type: str = ""
-    mount_flags: list[str] = []
+    mount_flags: list[str] = Field(default_factory=list)
     readonly: bool = False
     device: str = ""
+
+    def same_stage(self, other: StageRecord) -> bool:
+        ignore = {"device", "version"}
+        return self.model_dump(exclude=ignore) == other.model_dump(exclude=ignore)
 
 
 class StagingStore:
@@ -36,10 +39,11 @@ class StagingStore:
         return self.root / f"{volume_id}.json"
 
     def get(self, volume_id: str) -> StageRecord | None:
-        try:
-            return StageRecord.model_validate_json(self._path(volume_id).read_bytes())
-        except FileNotFoundError:
-            return None
+        """Raises UnreadableRecord for a record that exists but cannot be used."""
+        return load(StageRecord, self._path(volume_id))
+
+    def exists(self, volume_id: str) -> bool:
+        return self._path(volume_id).exists()
 
     def put(self, record: StageRecord) -> None:
         write_atomic(self._path(record.volume_id), record.model_dump_json().encode())
@@ -47,11 +51,20 @@ class StagingStore:
     def delete(self, volume_id: str) -> None:
         remove_durably(self._path(volume_id))
 
-    def all(self) -> list[StageRecord]:
+    def scan(self) -> tuple[list[StageRecord], dict[str, str]]:
+        """Every record, and the ids of those that cannot be read with the reason."""
+        records: list[StageRecord] = []
+        unreadable: dict[str, str] = {}
         if not self.root.is_dir():
-            return []
-        return [
-            StageRecord.model_validate_json(p.read_bytes())
-            for p in sorted(self.root.glob("*.json"))
-            if not p.name.startswith(".")
-        ]
+            return records, unreadable
+        for path in sorted(self.root.glob("*.json")):
+            if path.name.startswith("."):
+                continue
+            try:
+                record = load(StageRecord, path)
+            except UnreadableRecord as e:
+                unreadable[path.stem] = e.reason
+                continue
+            if record is not None:
+                records.append(record)
+        return records, unreadable

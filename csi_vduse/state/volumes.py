@@ -1,19 +1,21 @@
 """Volumes on this node: `<data dir>/volumes/<id>.img` and its record `<id>.json`.
 
 The record is what says whether the volume was ever formatted: a volume is formatted
-only when it holds no file system *and* its record says it never was."""
+only when it holds no signature *and* its record says it never was. That flag only ever
+goes from False to True, whoever writes the record."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from csi_vduse.state.atomic import fsync_dir, remove_durably, write_atomic
+from csi_vduse.state.records import Record, UnreadableRecord, load
 
 ID_PREFIX = "vduse-"
 _ID = re.compile(r"^vduse-[0-9a-f]{40}$")
@@ -43,15 +45,14 @@ def check_volume_id(volume_id: str) -> bool:
 
 
 class VolumeParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     queues: int = 1
     queue_size: int = 256
+    provisioning: Literal["thin", "thick"] = "thin"
 
 
-class VolumeRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class VolumeRecord(Record):
     volume_id: str
     name: str
     capacity: int
@@ -75,14 +76,17 @@ class VolumeStore:
         return self.root / f"{volume_id}.json"
 
     def get(self, volume_id: str) -> VolumeRecord | None:
+        """Raises UnreadableRecord for a record that exists but cannot be used."""
         if not check_volume_id(volume_id):
             return None
-        try:
-            return VolumeRecord.model_validate_json(self._record_path(volume_id).read_bytes())
-        except FileNotFoundError:
-            return None
+        return load(VolumeRecord, self._record_path(volume_id))
 
     def put(self, record: VolumeRecord) -> None:
+        """Writes the record; never clears `formatted` and never replaces a record this
+        version cannot read."""
+        current = self.get(record.volume_id)
+        if current is not None and current.formatted and not record.formatted:
+            record.formatted, record.fs_type = True, current.fs_type
         if not record.created_at:
             record.created_at = time.time()
         write_atomic(self._record_path(record.volume_id), record.model_dump_json().encode())
@@ -93,13 +97,21 @@ class VolumeStore:
         remove_durably(self.image(volume_id))
         remove_durably(self._record_path(volume_id))
 
-    def list(self) -> Iterator[VolumeRecord]:
+    def scan(self) -> tuple[list[VolumeRecord], dict[str, str]]:
+        """Every record, and the ids of those that cannot be read with the reason."""
+        records: list[VolumeRecord] = []
+        unreadable: dict[str, str] = {}
         if not self.root.is_dir():
-            return
+            return records, unreadable
         for path in sorted(self.root.glob(f"{ID_PREFIX}*.json")):
-            record = self.get(path.stem)
+            try:
+                record = self.get(path.stem)
+            except UnreadableRecord as e:
+                unreadable[path.stem] = e.reason
+                continue
             if record is not None:
-                yield record
+                records.append(record)
+        return records, unreadable
 
     def sync(self) -> None:
         fsync_dir(self.root)

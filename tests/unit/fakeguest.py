@@ -8,7 +8,7 @@ import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,18 @@ class Buf:
 
 
 class Arena:
-    def __init__(self, pages: int) -> None:
+    """Guest memory. With `path`, a shared file mapping that outlives the process (a
+    second process can resume the same rings, as a restarted plugin does)."""
+
+    def __init__(self, pages: int, path: str | None = None) -> None:
         self.size = pages * PAGE
-        self._map = mmap.mmap(-1, self.size + 2 * PAGE)
+        if path is None:
+            self._map = mmap.mmap(-1, self.size + 2 * PAGE)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(fd, self.size + 2 * PAGE)
+            self._map = mmap.mmap(fd, self.size + 2 * PAGE)
+            os.close(fd)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         for guard in (base, base + PAGE + self.size):
             if _libc.mprotect(guard, PAGE, PROT_NONE) != 0:
@@ -71,14 +80,14 @@ class Arena:
 class FakeGuest:
     """Driver side of one split virtqueue."""
 
-    def __init__(self, num: int = 16, pages: int = 256) -> None:
+    def __init__(self, num: int = 16, pages: int = 256, path: str | None = None) -> None:
         self.num = num
-        self.arena = Arena(pages)
+        self.arena = Arena(pages, path)
         self.desc = self.arena.alloc(16 * num, PAGE)
         self.avail = self.arena.alloc(6 + 2 * num, 2)
         self.used = self.arena.alloc(6 + 8 * num, PAGE)
         self.next_desc = 0
-        self.avail_idx = 0
+        self.avail_idx = int(struct.unpack("<H", self.arena.read(self.avail + 2, 2))[0])
         self.used_seen = 0
 
     def set_desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
@@ -154,34 +163,44 @@ class FakeGuest:
 
 
 class Device:
-    """The real C data plane (one queue) over a FakeGuest and a temporary file."""
+    """The real C data plane (one queue) over a FakeGuest and a temporary file. `maps`
+    splits the arena into several IOTLB mappings: (first page, pages, perm) each."""
 
     def __init__(
         self, guest: FakeGuest, size: int = 1 << 20, event_idx: bool = False,
-        readonly: bool = False, serial: bytes = b"unit-serial", max_segs: int = 0,
+        readonly: bool = False, serial: bytes = b"unit-serial", max_descs: int = 64,
+        maps: Sequence[tuple[int, int, int]] | None = None, log: Any = None,
+        ops: Any = None, file: Any = None, resume: bool = False,
     ) -> None:  # fmt: skip
         self.guest = guest
-        self.file = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the device)
-        os.ftruncate(self.file.fileno(), size)
+        self.file = file or tempfile.TemporaryFile()  # noqa: SIM115 (lives with the device)
+        if file is None:
+            os.ftruncate(self.file.fileno(), size)
         self.tlb = ffi.new("struct dp_iotlb *")
-        assert lib.dp_iotlb_init(self.tlb, -1) == 0
-        perm = lib.DP_PERM_READ | lib.DP_PERM_WRITE
-        va = ffi.cast("uint8_t *", guest.arena.va)
-        assert (
-            lib.dp_iotlb_add(self.tlb, IOVA_BASE, IOVA_BASE + guest.arena.size - 1, va, perm) == 0
-        )
+        assert lib.dp_iotlb_init(self.tlb, -1, 0) == 0
+        rw = lib.DP_PERM_READ | lib.DP_PERM_WRITE
+        pages = guest.arena.size // PAGE
+        for first, count, perm in maps or [(0, pages, rw)]:
+            va = ffi.cast("uint8_t *", guest.arena.va + first * PAGE)
+            start = IOVA_BASE + first * PAGE
+            assert lib.dp_iotlb_add(self.tlb, start, start + count * PAGE - 1, va, perm) == 0
+        self.native_file = ffi.new("struct dp_file *", {"fd": self.file.fileno()})
         self.blk = ffi.new("struct dp_blk *")
-        self.blk.ops = ffi.addressof(lib.dp_file_ops)
-        self.blk.ctx = ffi.cast("void *", self.file.fileno())
+        self.blk.ops = ops if ops is not None else ffi.addressof(lib.dp_file_ops)
+        self.blk.ctx = self.native_file
         self.blk.capacity = size // 512
         self.blk.readonly = readonly
         self.blk.max_discard_sectors = self.blk.max_write_zeroes_sectors = 1 << 16
         self.blk.max_discard_seg = self.blk.max_write_zeroes_seg = 4
         ffi.memmove(self.blk.serial, serial, len(serial))
-        q = lib.dp_queue_new(0, -1, -1, -1, self.blk, self.tlb, max_segs)
+        self.log = log if log is not None else ffi.NULL
+        q = lib.dp_queue_new(0, -1, -1, -1, self.blk, self.tlb, max_descs, self.log)
+        assert q != ffi.NULL
         self.q: Any = ffi.gc(q, lib.dp_queue_free)
         lib.dp_vq_init(ffi.addressof(self.q.vq), self.tlb, guest.num, guest.desc, guest.avail,
                        guest.used, 0, event_idx)  # fmt: skip
+        if resume:
+            assert lib.dp_queue_resume(self.q) == 0
 
     def process(self) -> int:
         return int(lib.dp_queue_process(self.q))
@@ -191,11 +210,44 @@ class Device:
         return int(self.q.interrupts)
 
     @property
-    def broken(self) -> bool:
-        return bool(self.q.vq.broken)
+    def broken(self) -> int:
+        return int(self.q.vq.broken)
 
     def file_read(self, offset: int, n: int) -> bytes:
         return os.pread(self.file.fileno(), n, offset)
 
     def file_write(self, offset: int, data: bytes) -> None:
         os.pwrite(self.file.fileno(), data, offset)
+
+
+def callback_ops(on_io: Callable[[str, bytes], int | None]) -> tuple[Any, list[Any]]:
+    """File ops that call `on_io(op, first bytes)` before each read or write: a backend a
+    test can slow down, fail (return an errno) or crash. Returns (ops, what must stay
+    alive with them)."""
+    file_ops = lib.dp_file_ops
+
+    def head(iov: Any) -> bytes:
+        return bytes(ffi.buffer(iov[0].iov_base, min(16, iov[0].iov_len)))
+
+    def read(ctx: Any, iov: Any, cnt: int, off: int) -> int:
+        if err := on_io("read", b""):
+            ffi.errno = err
+            return -1
+        return int(file_ops.preadv(ctx, iov, cnt, off))
+
+    def write(ctx: Any, iov: Any, cnt: int, off: int) -> int:
+        if err := on_io("write", head(iov)):
+            ffi.errno = err
+            return -1
+        return int(file_ops.pwritev(ctx, iov, cnt, off))
+
+    io_type = "ssize_t(void *, const struct iovec *, int, uint64_t)"
+    preadv, pwritev = ffi.callback(io_type, read), ffi.callback(io_type, write)
+    ops = ffi.new("struct dp_backend_ops *")
+    ops.preadv, ops.pwritev = preadv, pwritev
+    ops.flush, ops.discard, ops.write_zeroes = (
+        file_ops.flush,
+        file_ops.discard,
+        file_ops.write_zeroes,
+    )
+    return ops, [preadv, pwritev]

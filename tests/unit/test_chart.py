@@ -120,7 +120,10 @@ ALL_ON: Obj = {
             "annotations": {"example.com/note": "node-local"},
             "parameters": {"queues": 4, "queueSize": 1024},
         },
-        {"name": "vduse-raw", "parameters": {"queues": 64, "queueSize": 2}},
+        {
+            "name": "vduse-raw",
+            "parameters": {"queues": 64, "queueSize": 4, "provisioning": "thick"},
+        },
     ],
 }
 
@@ -303,6 +306,11 @@ def test_kube_version_range_is_covered_by_the_schemas() -> None:
         ({"driverNmae": "vduse.csi.dev"}, "driverNmae"),
         ({"driverName": "Not_A_Domain"}, "driverName"),
         ({"storageClasses": [{"name": "x", "parameters": {"queueSize": 3}}]}, "queueSize"),
+        ({"storageClasses": [{"name": "x", "parameters": {"queueSize": 2}}]}, "queueSize"),
+        (
+            {"storageClasses": [{"name": "x", "parameters": {"provisioning": "fat"}}]},
+            "provisioning",
+        ),
         ({"storageClasses": [{"name": "x", "parameters": {"queues": 65}}]}, "queues"),
         ({"storageClasses": [{"name": "x", "fsType": "btrfs"}]}, "fsType"),
         ({"images": {"provisioner": {"repository": "r", "tag": "latest"}}}, "tag"),
@@ -601,7 +609,7 @@ def test_storage_classes(name: str) -> None:
         params = sc.get("parameters", {})
         assert all(isinstance(v, str) for v in params.values())
         assert params.get("csi.storage.k8s.io/fstype") == wanted.get("fsType")
-        for key in ("queues", "queueSize"):
+        for key in ("queues", "queueSize", "provisioning"):
             expected = wanted.get("parameters", {}).get(key)
             assert params.get(key) == (None if expected is None else str(expected))
         default = (

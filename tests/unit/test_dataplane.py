@@ -140,119 +140,151 @@ def test_batch_is_drained_with_one_interrupt(guest: FakeGuest) -> None:
     assert len(guest.reap()) == 10
 
 
-# Hostile chains: each must complete with IOERR (when it has a status byte we may
-# write) and leave everything else untouched.
+# Hostile chains. A chain that is refused completes with IOERR written into its real
+# status byte (the last byte of its last descriptor, when the guest made it writable) and
+# nothing else; without such a byte the request cannot be answered, and the queue stops
+# with the reason, touching nothing.
+
+IOERR_AT_STATUS, STOPS = "ioerr", "stops"
 
 
-def hostile(guest: FakeGuest, kind: str) -> tuple[int, int | None]:
-    """Builds a hostile chain; returns (head, iova of a status byte expected IOERR, or None)."""
+def hostile(guest: FakeGuest, kind: str) -> tuple[int, str, int | None]:
+    """Builds a hostile chain; returns (head, expected outcome, status iova or None)."""
     a = guest.arena
     hdr = a.alloc(16)
     a.write(hdr, struct.pack("<IIQ", T_IN, 0, 0))
     data, st = a.alloc(512), a.alloc(1)
+    a.write(data, b"\xdd" * 512)
     a.write(st, b"\xee")
     head = guest.next_desc
     guest.next_desc = (head + 4) % guest.num
     h, n1, n2 = head, (head + 1) % guest.num, (head + 2) % guest.num
     outside = a.size + 0x10_0000 + 4096
-    if kind == "address outside the mapping":
+    expect, status_at = STOPS, None
+    if kind == "data buffer outside the mapping":
         guest.set_desc(h, hdr, 16, NEXT, n1)
         guest.set_desc(n1, outside, 512, NEXT | WRITE, n2)
         guest.set_desc(n2, st, 1, WRITE, 0)
-        expect = None
-    elif kind == "buffer running off the end of the mapping":
+        expect, status_at = IOERR_AT_STATUS, st
+    elif kind == "header outside the mapping":
+        guest.set_desc(h, outside, 16, NEXT, n1)
+        guest.set_desc(n1, data, 512, NEXT | WRITE, n2)
+        guest.set_desc(n2, st, 1, WRITE, 0)
+        expect, status_at = IOERR_AT_STATUS, st
+    elif kind == "data buffer running off the end of the mapping":
+        guest.set_desc(h, hdr, 16, NEXT, n1)
+        guest.set_desc(n1, data, 2**31, NEXT | WRITE, n2)
+        guest.set_desc(n2, st, 1, WRITE, 0)
+        expect, status_at = IOERR_AT_STATUS, st
+    elif kind == "status running off the end of the mapping":
         guest.set_desc(h, hdr, 16, NEXT, n1)
         guest.set_desc(n1, st, 1, WRITE | NEXT, n2)
         guest.set_desc(n2, data, 2**32 - 1, WRITE, 0)
-        expect = st
     elif kind == "address wrapping around 2**64":
         guest.set_desc(h, hdr, 16, NEXT, n1)
         guest.set_desc(n1, 2**64 - 256, 512, WRITE, 0)
-        expect = None
     elif kind == "loop":
         guest.set_desc(h, hdr, 16, NEXT, n1)
         guest.set_desc(n1, st, 1, NEXT | WRITE, n1)
-        expect = st
-    elif kind == "zero length":
+    elif kind == "zero-length data buffer":
+        guest.set_desc(h, hdr, 16, NEXT, n1)
+        guest.set_desc(n1, data, 0, NEXT | WRITE, n2)
+        guest.set_desc(n2, st, 1, WRITE, 0)
+        expect, status_at = IOERR_AT_STATUS, st
+    elif kind == "zero-length last buffer":
         guest.set_desc(h, hdr, 16, NEXT, n1)
         guest.set_desc(n1, st, 1, NEXT | WRITE, n2)
         guest.set_desc(n2, data, 0, WRITE, 0)
-        expect = st
     elif kind == "next index out of range":
         guest.set_desc(h, hdr, 16, NEXT, n1)
         guest.set_desc(n1, st, 1, NEXT | WRITE, guest.num + 7)
-        expect = st
     elif kind == "readable after writable":
         guest.set_desc(h, hdr, 16, NEXT, n1)
         guest.set_desc(n1, st, 1, NEXT | WRITE, n2)
         guest.set_desc(n2, data, 512, 0, 0)
-        expect = st
+    elif kind == "readable status":
+        guest.set_desc(h, hdr, 16, NEXT, n1)
+        guest.set_desc(n1, data, 512, NEXT | WRITE, n2)
+        guest.set_desc(n2, st, 1, 0, 0)
     elif kind == "header too short":
         guest.set_desc(h, hdr, 8, NEXT, n1)
         guest.set_desc(n1, st, 1, WRITE, 0)
-        expect = st
+        expect, status_at = IOERR_AT_STATUS, st
     elif kind == "indirect with next":
         table = a.alloc(32)
         guest.set_desc(h, table, 32, INDIRECT | NEXT, n1)
-        expect = None
     elif kind == "indirect table of bad length":
         table = a.alloc(32)
         guest.set_desc(h, table, 24, INDIRECT, 0)
-        expect = None
     elif kind == "nested indirect":
         table = a.alloc(32)
         a.write(table, struct.pack("<QIHH", hdr, 16, NEXT, 1))
         a.write(table + 16, struct.pack("<QIHH", table, 32, INDIRECT, 0))
         guest.set_desc(h, table, 32, INDIRECT, 0)
-        expect = None
     elif kind == "indirect loop":
         table = a.alloc(32)
         a.write(table, struct.pack("<QIHH", st, 1, NEXT | WRITE, 1))
         a.write(table + 16, struct.pack("<QIHH", st, 1, NEXT | WRITE, 0))
         guest.set_desc(h, table, 32, INDIRECT, 0)
-        expect = st
-    elif kind == "too many segments":
-        n = lib.DP_MAX_SEGS + 1
+    elif kind == "more descriptors than offered":
+        n = 70  # the device offered 64 (seg_max + 2)
         table = a.alloc(16 * n)
-        for k in range(n):
-            a.write(table + 16 * k, struct.pack("<QIHH", st, 1, NEXT | WRITE, k + 1))
-        guest.set_desc(h, table, 16 * min(n, lib.DP_MAX_SEGS), INDIRECT, 0)
-        expect = st
+        a.write(table, struct.pack("<QIHH", hdr, 16, NEXT, 1))
+        for k in range(1, n - 1):
+            a.write(table + 16 * k, struct.pack("<QIHH", data + 8 * k, 8, NEXT | WRITE, k + 1))
+        a.write(table + 16 * (n - 1), struct.pack("<QIHH", st, 1, WRITE, 0))
+        guest.set_desc(h, table, 16 * n, INDIRECT, 0)
+        expect, status_at = IOERR_AT_STATUS, st
     else:
         raise AssertionError(kind)
     guest.publish(head)
-    return head, expect
+    return head, expect, status_at
 
 
 HOSTILE = [
-    "address outside the mapping", "buffer running off the end of the mapping",
-    "address wrapping around 2**64", "loop", "zero length", "next index out of range",
-    "readable after writable", "header too short", "indirect with next",
-    "indirect table of bad length", "nested indirect", "indirect loop", "too many segments",
+    "data buffer outside the mapping", "header outside the mapping",
+    "data buffer running off the end of the mapping", "status running off the end of the mapping",
+    "address wrapping around 2**64", "loop", "zero-length data buffer", "zero-length last buffer",
+    "next index out of range", "readable after writable", "readable status", "header too short",
+    "indirect with next", "indirect table of bad length", "nested indirect", "indirect loop",
+    "more descriptors than offered",
 ]  # fmt: skip
 
 
+def changed_bytes(guest: FakeGuest, before: bytes) -> set[int]:
+    after = guest.arena.snapshot()
+    return {i for i in range(len(after)) if after[i] != before[i]}
+
+
+def ring_bytes(guest: FakeGuest) -> set[int]:
+    """The device-owned used ring (flags, idx, elements, avail_event)."""
+    used = guest.used - 0x10_0000
+    return set(range(used, used + 6 + 8 * guest.num))
+
+
 @pytest.mark.parametrize("kind", HOSTILE)
-def test_hostile_chain_fails_with_ioerr_and_touches_nothing(kind: str) -> None:
+def test_hostile_chain_fails_in_its_status_byte_or_stops_the_queue(kind: str) -> None:
     guest = FakeGuest(num=16, pages=64)
     dev = Device(guest)
     dev.file_write(0, b"\x5a" * 4096)
-    head, expect = hostile(guest, kind)
-    before = bytearray(guest.arena.snapshot())
-    assert dev.process() == 1
-    [(used_id, used_len)] = guest.reap()
-    assert used_id == head
-    after = guest.arena.snapshot()
-    changed = {i for i in range(len(after)) if after[i] != before[i]}
-    used_ring = set(range(guest.used - 0x10_0000, guest.used - 0x10_0000 + 6 + 8 * guest.num))
-    if expect is not None:
-        assert status(guest, expect) == IOERR
-        assert used_len == 1
-        changed.discard(expect - 0x10_0000)
-    else:
-        assert used_len == 0
-    assert changed <= used_ring, f"{kind}: bytes outside the used ring changed"
+    head, expect, status_at = hostile(guest, kind)
+    before = guest.arena.snapshot()
+    result = dev.process()
+    changed = changed_bytes(guest, before)
     assert dev.file_read(0, 4096) == b"\x5a" * 4096
+    if expect == STOPS:
+        assert result == -1
+        assert dev.broken == lib.DP_BROKEN_NO_STATUS and dev.q.vq.broken_head == head
+        assert guest.used_idx() == 0
+        assert changed <= ring_bytes(guest), f"{kind}: bytes outside the used ring changed"
+        return
+    assert result == 1
+    assert status_at is not None
+    [(used_id, used_len)] = guest.reap()
+    assert (used_id, used_len) == (head, 1)
+    assert status(guest, status_at) == IOERR
+    changed.discard(status_at - 0x10_0000)
+    assert changed <= ring_bytes(guest), f"{kind}: bytes outside the used ring changed"
     assert dev.q.stats.bad_chains == 1
     assert not dev.broken
     # the queue keeps working afterwards
@@ -261,12 +293,46 @@ def test_hostile_chain_fails_with_ioerr_and_touches_nothing(kind: str) -> None:
     assert status(guest, st) == OK
 
 
+def test_a_buffer_may_straddle_two_mappings() -> None:
+    """vhost-vdpa and VMs map guest memory in several regions; a buffer may cross one."""
+    guest = FakeGuest(num=16, pages=64)
+    rw = lib.DP_PERM_READ | lib.DP_PERM_WRITE
+    dev = Device(guest, maps=[(0, 20, rw), (20, 24, rw), (44, 20, rw)])
+    payload = os.urandom(3 * 4096)
+    guest.arena.alloc(20 * 4096 - guest.arena._heap - 4096)  # the buffers start in map 0
+    head, _, st = guest.blk_request(T_OUT, sector=16, out=payload)
+    assert dev.process() == 1
+    assert guest.reap() == [(head, 1)] and status(guest, st) == OK
+    assert dev.file_read(16 * 512, len(payload)) == payload
+    guest.arena.alloc(44 * 4096 - guest.arena._heap - 4096)  # and now across maps 1 and 2
+    head, din, st = guest.blk_request(T_IN, sector=16, in_len=len(payload), indirect=True)
+    assert din < 0x10_0000 + 44 * 4096 < din + len(payload)
+    assert dev.process() == 1
+    assert guest.reap() == [(head, len(payload) + 1)] and status(guest, st) == OK
+    assert guest.arena.read(din, len(payload)) == payload
+
+
+def test_write_into_read_only_guest_memory_is_refused() -> None:
+    guest = FakeGuest(num=16, pages=64)
+    rw = lib.DP_PERM_READ | lib.DP_PERM_WRITE
+    dev = Device(guest, maps=[(0, 32, rw), (32, 32, lib.DP_PERM_READ)])
+    dev.file_write(0, b"\x11" * 512)
+    hdr, st = guest.arena.alloc(16), guest.arena.alloc(1)
+    guest.arena.write(hdr, struct.pack("<IIQ", T_IN, 0, 0))
+    readonly_page = 0x10_0000 + 40 * 4096
+    head = guest.submit([Buf(hdr, 16), Buf(readonly_page, 512, True), Buf(st, 1, True)])
+    before = guest.arena.snapshot()
+    assert dev.process() == 1
+    assert guest.reap() == [(head, 1)] and status(guest, st) == IOERR
+    assert changed_bytes(guest, before) - ring_bytes(guest) == {st - 0x10_0000}
+
+
 def test_head_index_out_of_range_breaks_the_queue(guest: FakeGuest) -> None:
     dev = Device(guest)
     guest.publish(guest.num + 3)
     before = guest.arena.snapshot()
     assert dev.process() == -1
-    assert dev.broken
+    assert dev.broken == lib.DP_BROKEN_RING
     assert guest.used_idx() == 0
     used_ring = guest.used - 0x10_0000
     after = guest.arena.snapshot()
@@ -288,10 +354,7 @@ def test_a_new_server_resumes_from_the_used_ring(guest: FakeGuest) -> None:
     assert first.process() == 3
     payload = os.urandom(512)
     _, _, st = guest.blk_request(T_OUT, sector=1, out=payload)  # arrives while no one serves
-    second = Device(guest)
-    second.file = first.file
-    second.blk.ctx = first.blk.ctx
-    assert lib.dp_queue_resume(second.q) == 0
+    second = Device(guest, file=first.file, resume=True)
     assert second.q.vq.last_avail_idx == 3
     assert second.process() == 1
     assert status(guest, st) == OK

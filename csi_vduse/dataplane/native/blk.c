@@ -1,6 +1,7 @@
 /* virtio-blk request execution over a flattened descriptor chain. */
 #include <endian.h>
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 #include <linux/virtio_blk.h>
 
@@ -81,8 +82,13 @@ static bool in_capacity(const struct dp_blk *blk, uint64_t sector, uint64_t sect
     return sector <= blk->capacity && sectors <= blk->capacity - sector;
 }
 
+static bool out_of_space(int err)
+{
+    return err == ENOSPC || err == EDQUOT;
+}
+
 static uint8_t rw(struct dp_blk *blk, const struct dp_chain *c, bool is_read, uint64_t sector,
-                  uint64_t len, struct iovec *iov)
+                  uint64_t len, struct iovec *iov, int *err)
 {
     if (len == 0 || len % SECTOR || !in_capacity(blk, sector, len / SECTOR))
         return VIRTIO_BLK_S_IOERR;
@@ -93,12 +99,15 @@ static uint8_t rw(struct dp_blk *blk, const struct dp_chain *c, bool is_read, ui
     int cnt = build_iov(c, is_read, is_read ? 0 : HDR_LEN, len, iov);
     uint64_t off = sector * SECTOR;
     while (cnt > 0) {
-        ssize_t n = is_read ? blk->ops->preadv(blk->ctx, iov, cnt, off)
-                            : blk->ops->pwritev(blk->ctx, iov, cnt, off);
+        int chunk = cnt < IOV_MAX ? cnt : IOV_MAX;
+        ssize_t n = is_read ? blk->ops->preadv(blk->ctx, iov, chunk, off)
+                            : blk->ops->pwritev(blk->ctx, iov, chunk, off);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0)
+        if (n <= 0) {
+            *err = n < 0 ? errno : EIO;
             return VIRTIO_BLK_S_IOERR;
+        }
         off += (uint64_t)n;
         iov_advance(&iov, &cnt, (size_t)n);
     }
@@ -106,7 +115,7 @@ static uint8_t rw(struct dp_blk *blk, const struct dp_chain *c, bool is_read, ui
 }
 
 static uint8_t ranges(struct dp_blk *blk, const struct dp_chain *c, uint32_t type, uint64_t len,
-                      struct iovec *iov)
+                      struct iovec *iov, int *errp)
 {
     bool discard = type == VIRTIO_BLK_T_DISCARD;
     uint32_t max_seg = discard ? blk->max_discard_seg : blk->max_write_zeroes_seg;
@@ -132,33 +141,36 @@ static uint8_t ranges(struct dp_blk *blk, const struct dp_chain *c, uint32_t typ
         int err = discard ? blk->ops->discard(blk->ctx, sector * SECTOR, (uint64_t)num * SECTOR)
                           : blk->ops->write_zeroes(blk->ctx, sector * SECTOR,
                                                    (uint64_t)num * SECTOR, unmap);
-        if (err)
+        if (err) {
+            *errp = -err;
             return VIRTIO_BLK_S_IOERR;
+        }
     }
     return VIRTIO_BLK_S_OK;
 }
 
 /* Executes one request and writes its status. Returns the used length: the bytes
- * written into the driver's buffers, status byte included. */
+ * written into the driver's buffers, status byte included. A refused chain is not
+ * executed; its status byte was found by the ring walk. */
 uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov,
-                       struct dp_stats *st)
+                       struct dp_stats *st, int *write_enospc)
 {
-    if (c->bad || c->in_len == 0) {
-        st->bad_chains++;
-        if (!c->bad_status)
-            return 0;
-        *c->bad_status = VIRTIO_BLK_S_IOERR;
+    if (c->bad || c->poisoned) {
+        if (c->bad)
+            st->bad_chains++;
+        else
+            st->poisoned++;
+        *c->status = VIRTIO_BLK_S_IOERR;
         return 1;
     }
-    const struct dp_seg *last = &c->segs[c->nsegs - 1];
-    uint8_t *status = last->addr + last->len - 1;
     uint64_t data_in = c->in_len - 1, data_out;
     uint32_t used = 0;
     uint8_t s;
+    int err = 0;
 
     if (c->out_len < HDR_LEN) {
         st->bad_chains++;
-        *status = VIRTIO_BLK_S_IOERR;
+        *c->status = VIRTIO_BLK_S_IOERR;
         return 1;
     }
     data_out = c->out_len - HDR_LEN;
@@ -169,7 +181,7 @@ uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov
 
     switch (type) {
     case VIRTIO_BLK_T_IN:
-        s = rw(blk, c, true, sector, data_in, iov);
+        s = rw(blk, c, true, sector, data_in, iov, &err);
         st->reads++;
         if (s == VIRTIO_BLK_S_OK) {
             st->read_bytes += data_in;
@@ -177,13 +189,16 @@ uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov
         }
         break;
     case VIRTIO_BLK_T_OUT:
-        s = rw(blk, c, false, sector, data_out, iov);
+        s = rw(blk, c, false, sector, data_out, iov, &err);
         st->writes++;
-        if (s == VIRTIO_BLK_S_OK)
+        if (s == VIRTIO_BLK_S_OK) {
             st->written_bytes += data_out;
+            __atomic_store_n(write_enospc, 0, __ATOMIC_RELAXED);
+        }
         break;
     case VIRTIO_BLK_T_FLUSH:
-        s = blk->ops->flush(blk->ctx) ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
+        err = -blk->ops->flush(blk->ctx);
+        s = err ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
         st->flushes++;
         break;
     case VIRTIO_BLK_T_GET_ID:
@@ -194,7 +209,7 @@ uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov
         break;
     case VIRTIO_BLK_T_DISCARD:
     case VIRTIO_BLK_T_WRITE_ZEROES:
-        s = ranges(blk, c, type, data_out, iov);
+        s = ranges(blk, c, type, data_out, iov, &err);
         if (type == VIRTIO_BLK_T_DISCARD)
             st->discards++;
         else
@@ -207,6 +222,10 @@ uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov
         st->errors++;
     else if (s == VIRTIO_BLK_S_UNSUPP)
         st->unsupported++;
-    *status = s;
+    if (out_of_space(err)) {
+        st->enospc++;
+        __atomic_store_n(write_enospc, 1, __ATOMIC_RELAXED);
+    }
+    *c->status = s;
     return used + 1;
 }

@@ -3,7 +3,8 @@
  * The ring walk (virtqueue.c) and the request logic (blk.c) touch guest memory only
  * through an IOTLB (iotlb.c) and the backend only through dp_backend_ops, so both
  * run under unit tests with a memory arena and a temporary file. worker.c is the
- * thin shell that waits on the kick eventfd and injects interrupts. */
+ * thin shell that waits on the kick eventfd and injects interrupts; guard.c keeps a
+ * fault in guest memory from killing the process and remembers a request that did. */
 #ifndef CSI_VDUSE_DATAPLANE_H
 #define CSI_VDUSE_DATAPLANE_H
 
@@ -14,13 +15,39 @@
 #include <sys/uio.h>
 #include <linux/virtio_ring.h>
 
-#define DP_MAX_MAPS 64
-#define DP_MAX_SEGS 1024       /* data segments per request, header and status included */
+#define DP_MIN_MAPS 64
+#define DP_MAX_DESCS 1024      /* descriptors per request, header and status included */
+#define DP_MAX_SEGS 2048       /* translated pieces per request (a buffer may straddle maps) */
 #define DP_BATCH 16            /* requests popped and executed together */
+#define DP_MIN_QUEUE_SIZE 4    /* header + data + status, and a power of two */
 #define DP_MAX_QUEUE_SIZE 1024
 #define DP_SERIAL_LEN 20
+#define DP_LOG_MAGIC 0x71766475u  /* "udvq" */
+#define DP_LOG_VERSION 1u
+#define DP_LOG_SIZE 4096u
+
+static inline void dp_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
 
 enum dp_perm { DP_PERM_READ = 1, DP_PERM_WRITE = 2 };
+
+/* Why a queue stopped. The guest's requests on it hang until the device is reset,
+ * so each reason is reported (condition, log, metric). */
+enum dp_broken {
+    DP_OK = 0,
+    DP_BROKEN_RING = 1,        /* rings unmapped, or an avail index or head out of range */
+    DP_BROKEN_NO_STATUS = 2,   /* a refused request has no status byte to report it in */
+    DP_BROKEN_FAULT = 3,       /* guest memory faulted where no request can be failed */
+    DP_BROKEN_ORDER = 4,       /* internal: a completion out of ring order */
+};
 
 struct dp_map {
     uint64_t start, last;  /* IOVA range, inclusive */
@@ -28,18 +55,19 @@ struct dp_map {
     void *mmap_base;       /* NULL when the memory is not ours to unmap */
     size_t mmap_len;
     uint8_t perm;
+    bool ring;             /* holds a ring: never evicted to make room */
 };
 
-/* IOVA -> process address translation. Workers hold the read lock for a batch;
- * the control thread takes the write lock to drop mappings. A miss is resolved
- * with VDUSE_IOTLB_GET_FD when dev_fd >= 0, and is final otherwise. */
+/* IOVA -> process address translation. Workers hold the read lock for one batch; the
+ * control thread takes the write lock to drop mappings, and a waiting writer goes
+ * before new readers. A miss is resolved with VDUSE_IOTLB_GET_FD when dev_fd >= 0. */
 struct dp_iotlb {
     pthread_rwlock_t lock;
     int dev_fd;
     uint32_t gen;          /* bumped whenever a mapping goes away */
-    unsigned nmaps;
+    unsigned nmaps, cap;
     unsigned next_victim;
-    struct dp_map maps[DP_MAX_MAPS];
+    struct dp_map *maps;
 };
 
 struct dp_seg {
@@ -51,11 +79,14 @@ struct dp_seg {
 /* One descriptor chain, flattened into translated segments. */
 struct dp_chain {
     uint16_t head;
-    bool bad;              /* hostile or broken chain: fail with IOERR */
-    uint32_t nsegs;
+    uint16_t avail_idx;    /* position in the avail ring: completions follow it */
+    bool bad;              /* refused: completes with IOERR in `status`, never executed */
+    bool poisoned;         /* its execution crashed an earlier process: fail, never re-run */
+    uint32_t nsegs, ndescs;
     uint64_t out_len, in_len;
-    uint8_t *bad_status;   /* where IOERR can safely be written for a bad chain, or NULL */
-    uint32_t max_segs;     /* capacity of segs: a longer chain is bad */
+    uint8_t *status;       /* the last byte of the last descriptor */
+    uint32_t max_descs;    /* what the device offered (seg_max + 2): a longer chain is bad */
+    uint32_t max_segs;     /* capacity of segs */
     struct dp_seg *segs;
 };
 
@@ -63,8 +94,10 @@ enum dp_pop_result {
     DP_POP_EMPTY = 0,
     DP_POP_OK = 1,         /* chain filled; it may still be marked bad */
     DP_POP_FAULT = -1,     /* an IOVA was not mapped yet: fault it in, then retry */
-    DP_POP_BROKEN = -2,    /* the ring itself is corrupt; the queue stops */
+    DP_POP_BROKEN = -2,    /* the queue stops; vq->broken says why */
 };
+
+#define DP_FAILED_IOVAS 4
 
 struct dp_vq {
     uint16_t num;
@@ -73,14 +106,17 @@ struct dp_vq {
     uint16_t signalled_used;
     bool signalled_used_valid;
     bool event_idx;
-    bool broken;
-    bool fault_final;      /* the kernel has no mapping for fault_iova: fail the chain */
+    uint8_t broken;        /* enum dp_broken */
+    uint16_t broken_head;
     uint64_t desc_iova, avail_iova, used_iova;
     struct vring_desc *desc;
     struct vring_avail *avail;
     struct vring_used *used;
     uint32_t tlb_gen;
     uint64_t fault_iova;
+    /* IOVAs the kernel refused to map while popping the current chain: final misses */
+    unsigned nfailed;
+    uint64_t failed[DP_FAILED_IOVAS];
     struct dp_iotlb *tlb;
 };
 
@@ -96,6 +132,7 @@ struct dp_stats {
     uint64_t reads, writes, flushes, discards, write_zeroes, get_ids;
     uint64_t read_bytes, written_bytes;
     uint64_t errors, unsupported, bad_chains;
+    uint64_t faults, poisoned, enospc;
 };
 
 struct dp_blk {
@@ -106,6 +143,15 @@ struct dp_blk {
     uint32_t max_discard_sectors, max_discard_seg;
     uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
     char serial[DP_SERIAL_LEN];
+};
+
+/* Per-queue record in a shared file mapping (the state dir), so that it outlives the
+ * process: which request each thread is executing, and a request whose execution
+ * crashed the process, which the next process fails instead of running again. */
+struct dp_log {
+    uint32_t magic, version;
+    uint32_t executing[2];       /* (1 << 16) | avail index while executing, else 0 */
+    uint32_t crashed;            /* (1 << 16) | avail index of a request that crashed us */
 };
 
 /* One popped request and what executing it needs. */
@@ -131,25 +177,32 @@ struct dp_queue {
     uint32_t index;
     int dev_fd;                  /* for VDUSE_VQ_INJECT_IRQ; -1 counts interrupts only */
     int kick_fd, stop_fd;
+    int event_fd;                /* written once when the queue stops broken; -1: none */
+    int stop;                    /* set by dp_queue_request_stop; checked every batch */
+    int write_enospc;            /* the latest failed write failed for lack of space */
+    bool broken_reported;
     uint64_t interrupts;
     uint64_t parallel_batches;
     uint64_t parallel_min_bytes;  /* runs of reads/writes this large use the helper; 0: never */
     uint32_t poll_us;             /* busy-poll the ring this long before sleeping; 0: never */
+    bool crashed_pending;         /* log->crashed names a request still in the ring */
+    uint16_t crashed_idx;
     struct dp_vq vq;
     struct dp_blk *blk;
+    struct dp_log *log;
     struct dp_stats stats;
     struct dp_helper helper;
-    uint32_t max_segs;
     struct dp_slot slots[DP_BATCH];
 };
 
 /* iotlb.c */
-int dp_iotlb_init(struct dp_iotlb *tlb, int dev_fd);
+int dp_iotlb_init(struct dp_iotlb *tlb, int dev_fd, unsigned capacity);
 void dp_iotlb_destroy(struct dp_iotlb *tlb);
 int dp_iotlb_add(struct dp_iotlb *tlb, uint64_t start, uint64_t last, uint8_t *va, uint8_t perm);
 void dp_iotlb_invalidate(struct dp_iotlb *tlb, uint64_t start, uint64_t last);
 uint8_t *dp_iotlb_lookup(struct dp_iotlb *tlb, uint64_t iova, uint64_t len, uint8_t perm,
-                         bool *miss);
+                         uint64_t *avail, bool *miss);
+void dp_iotlb_pin(struct dp_iotlb *tlb, uint64_t iova);
 int dp_iotlb_fault(struct dp_iotlb *tlb, uint64_t iova);
 
 /* virtqueue.c */
@@ -157,25 +210,39 @@ void dp_vq_init(struct dp_vq *vq, struct dp_iotlb *tlb, uint16_t num, uint64_t d
                 uint64_t avail, uint64_t used, uint16_t last_avail_idx, bool event_idx);
 int dp_vq_map_rings(struct dp_vq *vq);
 int dp_vq_pop(struct dp_vq *vq, struct dp_chain *c);
-void dp_vq_push(struct dp_vq *vq, uint16_t head, uint32_t len);
-void dp_vq_publish_used(struct dp_vq *vq);
+void dp_vq_push(struct dp_vq *vq, const struct dp_chain *c, uint32_t len);
 bool dp_vq_should_notify(struct dp_vq *vq);
 bool dp_vq_enable_notify(struct dp_vq *vq);
 void dp_vq_disable_notify(struct dp_vq *vq);
 
 /* blk.c */
 uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov,
-                       struct dp_stats *stats);
+                       struct dp_stats *stats, int *write_enospc);
+
+/* guard.c */
+void dp_guard_install(void);
+int dp_guard_pop(struct dp_vq *vq, struct dp_chain *c);
+bool dp_guard_load32(const uint8_t *p, uint32_t *out);
+bool dp_guard_store(uint8_t *p, uint8_t value);
+uint32_t dp_guard_execute(struct dp_blk *blk, struct dp_slot *s, struct dp_stats *stats,
+                          struct dp_log *log, unsigned thread, int *write_enospc);
+void dp_log_init(struct dp_log *log);
 
 /* worker.c */
 struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_fd,
-                              struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_segs);
+                              struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_descs,
+                              struct dp_log *log);
 void dp_queue_free(struct dp_queue *q);
 int dp_queue_process(struct dp_queue *q);
 int dp_queue_resume(struct dp_queue *q);
 int dp_queue_run(struct dp_queue *q);
+void dp_queue_request_stop(struct dp_queue *q);
 
-/* file_backend.c */
+/* file_backend.c: ctx is a struct dp_file */
+struct dp_file {
+    int fd;
+    bool keep_allocated;         /* thick: discards never give space back */
+};
 extern const struct dp_backend_ops dp_file_ops;
 
 #endif

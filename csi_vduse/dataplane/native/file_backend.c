@@ -1,4 +1,5 @@
-/* The sparse-file backend: ctx is the file descriptor. */
+/* The file backend: ctx is a struct dp_file. A thick file keeps every block allocated,
+ * so that a write can never fail for lack of space: discards keep their blocks. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -9,7 +10,12 @@
 
 static int fd_of(void *ctx)
 {
-    return (int)(intptr_t)ctx;
+    return ((const struct dp_file *)ctx)->fd;
+}
+
+static bool thick(void *ctx)
+{
+    return ((const struct dp_file *)ctx)->keep_allocated;
 }
 
 static ssize_t file_preadv(void *ctx, const struct iovec *iov, int cnt, uint64_t off)
@@ -35,7 +41,7 @@ static int punch(int fd, uint64_t off, uint64_t len)
 /* A discard is a hint: a file system that cannot punch holes still succeeds. */
 static int file_discard(void *ctx, uint64_t off, uint64_t len)
 {
-    if (punch(fd_of(ctx), off, len) == 0 || errno == EOPNOTSUPP)
+    if (thick(ctx) || punch(fd_of(ctx), off, len) == 0 || errno == EOPNOTSUPP)
         return 0;
     return -errno;
 }
@@ -59,11 +65,11 @@ static int write_zero_pages(int fd, uint64_t off, uint64_t len)
 static int file_write_zeroes(void *ctx, uint64_t off, uint64_t len, bool may_unmap)
 {
     int fd = fd_of(ctx);
-    if (may_unmap && punch(fd, off, len) == 0)
+    if (may_unmap && !thick(ctx) && punch(fd, off, len) == 0)
         return 0;
     if (fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
         return 0;
-    if (punch(fd, off, len) == 0)
+    if (!thick(ctx) && punch(fd, off, len) == 0)
         return 0;
     return write_zero_pages(fd, off, len);
 }

@@ -1,4 +1,5 @@
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -7,11 +8,26 @@
 
 #include "dataplane.h"
 
-int dp_iotlb_init(struct dp_iotlb *tlb, int dev_fd)
+int dp_iotlb_init(struct dp_iotlb *tlb, int dev_fd, unsigned capacity)
 {
+    pthread_rwlockattr_t attr;
     memset(tlb, 0, sizeof(*tlb));
     tlb->dev_fd = dev_fd;
-    return -pthread_rwlock_init(&tlb->lock, NULL);
+    tlb->cap = capacity < DP_MIN_MAPS ? DP_MIN_MAPS : capacity;
+    tlb->maps = calloc(tlb->cap, sizeof(*tlb->maps));
+    if (!tlb->maps)
+        return -ENOMEM;
+    /* Workers take the read lock once per batch, all the time under load: without
+     * writer preference an IOTLB update or a stop could wait as long as the load lasts. */
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int ret = -pthread_rwlock_init(&tlb->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    if (ret) {
+        free(tlb->maps);
+        tlb->maps = NULL;
+    }
+    return ret;
 }
 
 static void drop_map(struct dp_iotlb *tlb, unsigned i)
@@ -27,6 +43,8 @@ void dp_iotlb_destroy(struct dp_iotlb *tlb)
 {
     dp_iotlb_invalidate(tlb, 0, UINT64_MAX);
     pthread_rwlock_destroy(&tlb->lock);
+    free(tlb->maps);
+    tlb->maps = NULL;
 }
 
 /* Adds a mapping that the caller owns (tests, or memory registered by the caller). */
@@ -36,10 +54,10 @@ int dp_iotlb_add(struct dp_iotlb *tlb, uint64_t start, uint64_t last, uint8_t *v
     if (last < start)
         return -EINVAL;
     pthread_rwlock_wrlock(&tlb->lock);
-    if (tlb->nmaps == DP_MAX_MAPS)
+    if (tlb->nmaps == tlb->cap)
         ret = -ENOSPC;
     else
-        tlb->maps[tlb->nmaps++] = (struct dp_map){start, last, va, NULL, 0, perm};
+        tlb->maps[tlb->nmaps++] = (struct dp_map){start, last, va, NULL, 0, perm, false};
     pthread_rwlock_unlock(&tlb->lock);
     return ret;
 }
@@ -57,26 +75,45 @@ void dp_iotlb_invalidate(struct dp_iotlb *tlb, uint64_t start, uint64_t last)
     pthread_rwlock_unlock(&tlb->lock);
 }
 
-/* Caller holds the read lock. The whole [iova, iova + len) must lie in one mapping
- * that grants `perm`; anything else is refused, so a descriptor can never reach
- * memory outside what the kernel mapped for us. */
+static struct dp_map *find(struct dp_iotlb *tlb, uint64_t iova)
+{
+    for (unsigned i = 0; i < tlb->nmaps; i++) {
+        struct dp_map *m = &tlb->maps[i];
+        if (iova >= m->start && iova <= m->last)
+            return m;
+    }
+    return NULL;
+}
+
+/* Caller holds the read lock. Translates the start of [iova, iova + len): the address
+ * of `iova`, with *avail set to how many of the `len` bytes the same mapping holds (a
+ * buffer may continue in the next mapping). NULL when `iova` is unmapped (*miss: the
+ * kernel may still map it), lacks `perm`, or the range wraps around 2**64. */
 uint8_t *dp_iotlb_lookup(struct dp_iotlb *tlb, uint64_t iova, uint64_t len, uint8_t perm,
-                         bool *miss)
+                         uint64_t *avail, bool *miss)
 {
     *miss = false;
+    *avail = 0;
     if (len == 0 || iova + (len - 1) < iova)
         return NULL;
-    uint64_t last = iova + (len - 1);
-    for (unsigned i = 0; i < tlb->nmaps; i++) {
-        const struct dp_map *m = &tlb->maps[i];
-        if (iova < m->start || iova > m->last)
-            continue;
-        if (last > m->last || (m->perm & perm) != perm)
-            return NULL;
-        return m->va + (iova - m->start);
+    const struct dp_map *m = find(tlb, iova);
+    if (!m) {
+        *miss = tlb->dev_fd >= 0;
+        return NULL;
     }
-    *miss = tlb->dev_fd >= 0;
-    return NULL;
+    if ((m->perm & perm) != perm)
+        return NULL;
+    uint64_t room = m->last - iova;  /* bytes after `iova` in this mapping */
+    *avail = len - 1 <= room ? len : room + 1;
+    return m->va + (iova - m->start);
+}
+
+/* Caller holds the read lock. Marks the mapping holding a ring: eviction skips it. */
+void dp_iotlb_pin(struct dp_iotlb *tlb, uint64_t iova)
+{
+    struct dp_map *m = find(tlb, iova);
+    if (m)
+        m->ring = true;
 }
 
 static int vduse_perm_to_dp(uint8_t vperm)
@@ -89,18 +126,30 @@ static int vduse_perm_to_dp(uint8_t vperm)
     return p;
 }
 
+/* Makes room for one mapping: the next one round-robin that holds no ring. */
+static void evict(struct dp_iotlb *tlb)
+{
+    for (unsigned tries = 0; tries < tlb->nmaps; tries++) {
+        unsigned i = tlb->next_victim++ % tlb->nmaps;
+        if (!tlb->maps[i].ring) {
+            drop_map(tlb, i);
+            return;
+        }
+    }
+    drop_map(tlb, tlb->next_victim++ % tlb->nmaps);
+}
+
 /* Maps the IOTLB region holding `iova`. Takes the write lock; the caller must not hold
  * the read lock. Returns 0, or -errno when the kernel has no mapping there. */
 int dp_iotlb_fault(struct dp_iotlb *tlb, uint64_t iova)
 {
     struct vduse_iotlb_entry entry = {.start = iova, .last = iova};
-    bool miss;
     int ret = 0;
 
     if (tlb->dev_fd < 0)
         return -EFAULT;
     pthread_rwlock_wrlock(&tlb->lock);
-    if (dp_iotlb_lookup(tlb, iova, 1, 0, &miss) || !miss)
+    if (find(tlb, iova))
         goto out;  /* another worker mapped it meanwhile */
     int fd = ioctl(tlb->dev_fd, VDUSE_IOTLB_GET_FD, &entry);
     if (fd < 0) {
@@ -122,10 +171,10 @@ int dp_iotlb_fault(struct dp_iotlb *tlb, uint64_t iova)
         ret = -err;
         goto out;
     }
-    if (tlb->nmaps == DP_MAX_MAPS)
-        drop_map(tlb, tlb->next_victim++ % DP_MAX_MAPS);
+    if (tlb->nmaps == tlb->cap)
+        evict(tlb);
     tlb->maps[tlb->nmaps++] =
-        (struct dp_map){entry.start, entry.last, base, base, len, (uint8_t)perm};
+        (struct dp_map){entry.start, entry.last, base, base, len, (uint8_t)perm, false};
 out:
     pthread_rwlock_unlock(&tlb->lock);
     return ret;

@@ -22,15 +22,44 @@ void dp_vq_init(struct dp_vq *vq, struct dp_iotlb *tlb, uint16_t num, uint64_t d
     vq->tlb_gen = tlb->gen - 1;  /* forces a first dp_vq_map_rings */
 }
 
-static uint8_t *translate(struct dp_vq *vq, uint64_t iova, uint64_t len, uint8_t perm, int *err)
+static bool failed_before(const struct dp_vq *vq, uint64_t iova)
+{
+    for (unsigned i = 0; i < vq->nfailed; i++)
+        if (vq->failed[i] == iova)
+            return true;
+    return false;
+}
+
+/* The start of [iova, iova + len) and, in *avail, how much of it one mapping holds.
+ * A miss the kernel may still resolve sets *err to DP_POP_FAULT; a miss it already
+ * refused (or too many of them for one chain) is final. */
+static uint8_t *translate(struct dp_vq *vq, uint64_t iova, uint64_t len, uint8_t perm,
+                          uint64_t *avail, int *err)
 {
     bool miss;
-    uint8_t *p = dp_iotlb_lookup(vq->tlb, iova, len, perm, &miss);
-    if (!p && miss && !vq->fault_final) {
+    uint8_t *p = dp_iotlb_lookup(vq->tlb, iova, len, perm, avail, &miss);
+    if (!p && miss && !failed_before(vq, iova) && vq->nfailed < DP_FAILED_IOVAS) {
         vq->fault_iova = iova;
         *err = DP_POP_FAULT;
     }
     return p;
+}
+
+/* Like translate, for what must be contiguous in this process (rings, descriptors). */
+static uint8_t *translate_all(struct dp_vq *vq, uint64_t iova, uint64_t len, uint8_t perm,
+                              int *err)
+{
+    uint64_t avail;
+    uint8_t *p = translate(vq, iova, len, perm, &avail, err);
+    return p && avail == len ? p : NULL;
+}
+
+static void set_broken(struct dp_vq *vq, enum dp_broken why, uint16_t head)
+{
+    if (!vq->broken) {
+        vq->broken = (uint8_t)why;
+        vq->broken_head = head;
+    }
 }
 
 /* Caller holds the IOTLB read lock. 0, DP_POP_FAULT or DP_POP_BROKEN. */
@@ -41,24 +70,28 @@ int dp_vq_map_rings(struct dp_vq *vq)
     if (vq->tlb_gen == vq->tlb->gen)
         return 0;
     if (n == 0 || n > DP_MAX_QUEUE_SIZE || (n & (n - 1))) {
-        vq->broken = true;
+        set_broken(vq, DP_BROKEN_RING, 0);
         return DP_POP_BROKEN;
     }
     /* The event index fields are always part of the ring's memory. */
-    vq->desc = (void *)translate(vq, vq->desc_iova, n * DESC_SIZE, DP_PERM_READ, &err);
+    vq->desc = (void *)translate_all(vq, vq->desc_iova, n * DESC_SIZE, DP_PERM_READ, &err);
     if (!vq->desc)
         goto fail;
-    vq->avail = (void *)translate(vq, vq->avail_iova, 6 + 2 * n, DP_PERM_READ, &err);
+    vq->avail = (void *)translate_all(vq, vq->avail_iova, 6 + 2 * n, DP_PERM_READ, &err);
     if (!vq->avail)
         goto fail;
-    vq->used = (void *)translate(vq, vq->used_iova, 6 + 8 * n, DP_PERM_READ | DP_PERM_WRITE, &err);
+    vq->used = (void *)translate_all(vq, vq->used_iova, 6 + 8 * n,
+                                     DP_PERM_READ | DP_PERM_WRITE, &err);
     if (!vq->used)
         goto fail;
+    dp_iotlb_pin(vq->tlb, vq->desc_iova);
+    dp_iotlb_pin(vq->tlb, vq->avail_iova);
+    dp_iotlb_pin(vq->tlb, vq->used_iova);
     vq->tlb_gen = vq->tlb->gen;
     return 0;
 fail:
     if (err == DP_POP_BROKEN)
-        vq->broken = true;
+        set_broken(vq, DP_BROKEN_RING, 0);
     return err;
 }
 
@@ -67,68 +100,164 @@ static uint16_t avail_idx(const struct dp_vq *vq)
     return __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
 }
 
-static int chain_fail(struct dp_chain *c)
-{
-    c->bad = true;
-    return DP_POP_OK;
-}
+/* Where descriptors are read from: the ring's table, or one indirect table. An
+ * indirect table that straddles mappings is read one descriptor at a time. */
+struct desc_src {
+    const struct vring_desc *table;  /* NULL: translate each entry at iova */
+    uint64_t iova;
+    uint32_t size;
+    bool indirect;
+};
 
-static void read_desc(const struct vring_desc *table, uint32_t i, struct vring_desc *d)
+static bool load_desc(struct dp_vq *vq, const struct desc_src *src, uint32_t i,
+                      struct vring_desc *d, int *err)
 {
-    const volatile struct vring_desc *v = &table[i];
+    const volatile struct vring_desc *v = src->table ? &src->table[i] : NULL;
+    if (!v) {
+        v = (const void *)translate_all(vq, src->iova + (uint64_t)i * DESC_SIZE, DESC_SIZE,
+                                        DP_PERM_READ, err);
+        if (!v)
+            return false;
+    }
     d->addr = v->addr;
     d->len = v->len;
     d->flags = v->flags;
     d->next = v->next;
+    return true;
+}
+
+static bool valid_indirect(const struct desc_src *src, const struct vring_desc *d,
+                           uint32_t seen)
+{
+    return !src->indirect && seen == 1 && !(d->flags & VRING_DESC_F_NEXT) && d->len &&
+           d->len % DESC_SIZE == 0 && d->len / DESC_SIZE <= DP_MAX_DESCS &&
+           d->addr + (d->len - 1) >= d->addr;
+}
+
+static void open_indirect(struct dp_vq *vq, struct desc_src *src, const struct vring_desc *d,
+                          int *err)
+{
+    src->indirect = true;
+    src->iova = d->addr;
+    src->size = d->len / DESC_SIZE;
+    src->table = (void *)translate_all(vq, d->addr, d->len, DP_PERM_READ, err);
+}
+
+/* The status byte of a chain we refuse: the last byte of its last descriptor, when
+ * that descriptor is device-writable and mapped. A bounded walk that checks nothing
+ * else; NULL when the chain has no such byte (a loop, an index out of range). */
+static uint8_t *find_status(struct dp_vq *vq, uint16_t head, int *err)
+{
+    struct desc_src src = {.table = vq->desc, .size = vq->num};
+    uint32_t idx = head, seen = 0;
+    struct vring_desc d;
+    for (;;) {
+        if (!load_desc(vq, &src, idx, &d, err) || ++seen > src.size)
+            return NULL;
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (!valid_indirect(&src, &d, seen))
+                return NULL;
+            open_indirect(vq, &src, &d, err);
+            if (*err == DP_POP_FAULT)
+                return NULL;
+            idx = seen = 0;
+            continue;
+        }
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            break;
+        idx = d.next;
+        if (idx >= src.size)
+            return NULL;
+    }
+    if (!(d.flags & VRING_DESC_F_WRITE) || d.len == 0 || d.addr + (d.len - 1) < d.addr)
+        return NULL;
+    return translate_all(vq, d.addr + (d.len - 1), 1, DP_PERM_WRITE, err);
+}
+
+/* A chain we refuse completes with IOERR in its real status byte; without one, the
+ * request cannot be answered and the queue stops (the caller reports why). */
+static int chain_fail(struct dp_vq *vq, struct dp_chain *c)
+{
+    int err = DP_POP_OK;
+    c->bad = true;
+    c->status = find_status(vq, c->head, &err);
+    if (err == DP_POP_FAULT)
+        return err;
+    if (!c->status) {
+        set_broken(vq, DP_BROKEN_NO_STATUS, c->head);
+        return DP_POP_BROKEN;
+    }
+    return DP_POP_OK;
+}
+
+static int add_buffer(struct dp_vq *vq, struct dp_chain *c, const struct vring_desc *d,
+                      bool write)
+{
+    uint8_t perm = write ? DP_PERM_WRITE : DP_PERM_READ;
+    uint64_t addr = d->addr, left = d->len;
+    int err = DP_POP_OK;
+    if (addr + (left - 1) < addr)
+        return chain_fail(vq, c);
+    while (left) {
+        uint64_t got;
+        uint8_t *p = translate(vq, addr, left, perm, &got, &err);
+        if (!p)
+            return err == DP_POP_FAULT ? err : chain_fail(vq, c);
+        if (c->nsegs == c->max_segs)
+            return chain_fail(vq, c);
+        c->segs[c->nsegs++] = (struct dp_seg){p, (uint32_t)got, write};
+        addr += got;
+        left -= got;
+    }
+    if (write)
+        c->in_len += d->len;
+    else
+        c->out_len += d->len;
+    return DP_POP_OK;
 }
 
 static int walk_chain(struct dp_vq *vq, uint16_t head, struct dp_chain *c)
 {
-    const struct vring_desc *table = vq->desc;
-    uint32_t table_size = vq->num, idx = head, seen = 0;
-    int err = DP_POP_OK;
+    struct desc_src src = {.table = vq->desc, .size = vq->num};
+    uint32_t idx = head, seen = 0;
+    int err = DP_POP_OK, r;
 
     c->head = head;
-    c->bad = false;
-    c->nsegs = 0;
+    c->bad = c->poisoned = false;
+    c->nsegs = c->ndescs = 0;
     c->out_len = c->in_len = 0;
-    c->bad_status = NULL;
+    c->status = NULL;
     for (;;) {
         struct vring_desc d;
-        read_desc(table, idx, &d);
-        if (++seen > table_size)
-            return chain_fail(c);  /* a loop */
+        if (!load_desc(vq, &src, idx, &d, &err))
+            return err == DP_POP_FAULT ? err : chain_fail(vq, c);
+        if (++seen > src.size)
+            return chain_fail(vq, c);  /* a loop */
         if (d.flags & VRING_DESC_F_INDIRECT) {
-            /* Only the head may point to an indirect table, which may not nest. */
-            if (table != vq->desc || seen != 1 || (d.flags & VRING_DESC_F_NEXT) ||
-                d.len == 0 || d.len % DESC_SIZE || d.len / DESC_SIZE > DP_MAX_SEGS)
-                return chain_fail(c);
-            table = (void *)translate(vq, d.addr, d.len, DP_PERM_READ, &err);
-            if (!table)
-                return err == DP_POP_FAULT ? err : chain_fail(c);
-            table_size = d.len / DESC_SIZE;
-            idx = 0;
-            seen = 0;
+            if (!valid_indirect(&src, &d, seen))
+                return chain_fail(vq, c);
+            open_indirect(vq, &src, &d, &err);
+            if (err == DP_POP_FAULT)
+                return err;
+            idx = seen = 0;
             continue;
         }
         bool write = d.flags & VRING_DESC_F_WRITE;
-        if (d.len == 0 || (!write && c->in_len) || c->nsegs == c->max_segs)
-            return chain_fail(c);
-        uint8_t *p = translate(vq, d.addr, d.len, write ? DP_PERM_WRITE : DP_PERM_READ, &err);
-        if (!p)
-            return err == DP_POP_FAULT ? err : chain_fail(c);
-        c->segs[c->nsegs++] = (struct dp_seg){p, d.len, write};
-        if (write) {
-            c->in_len += d.len;
-            c->bad_status = p + d.len - 1;
-        } else {
-            c->out_len += d.len;
-        }
-        if (!(d.flags & VRING_DESC_F_NEXT))
+        if (d.len == 0 || (!write && c->in_len) || c->ndescs == c->max_descs)
+            return chain_fail(vq, c);
+        c->ndescs++;
+        if ((r = add_buffer(vq, c, &d, write)) != DP_POP_OK || c->bad)
+            return r;
+        if (!(d.flags & VRING_DESC_F_NEXT)) {
+            if (!write)
+                return chain_fail(vq, c);  /* no status byte */
+            const struct dp_seg *last = &c->segs[c->nsegs - 1];
+            c->status = last->addr + last->len - 1;
             return DP_POP_OK;
+        }
         idx = d.next;
-        if (idx >= table_size)
-            return chain_fail(c);
+        if (idx >= src.size)
+            return chain_fail(vq, c);
     }
 }
 
@@ -140,25 +269,36 @@ int dp_vq_pop(struct dp_vq *vq, struct dp_chain *c)
     if (avail == vq->last_avail_idx)
         return DP_POP_EMPTY;
     if ((uint16_t)(avail - vq->last_avail_idx) > vq->num) {
-        vq->broken = true;
+        set_broken(vq, DP_BROKEN_RING, 0);
         return DP_POP_BROKEN;
     }
     uint16_t head = ((volatile uint16_t *)vq->avail->ring)[vq->last_avail_idx % vq->num];
     if (head >= vq->num) {
-        vq->broken = true;
+        set_broken(vq, DP_BROKEN_RING, head);
         return DP_POP_BROKEN;
     }
+    c->avail_idx = vq->last_avail_idx;
     int ret = walk_chain(vq, head, c);
-    if (ret == DP_POP_FAULT)
+    if (ret != DP_POP_OK)
         return ret;
+    vq->nfailed = 0;
     vq->last_avail_idx++;
     return DP_POP_OK;
 }
 
-void dp_vq_push(struct dp_vq *vq, uint16_t head, uint32_t len)
+/* Completions follow the avail ring's order, so that the used ring is the queue's
+ * durable progress (dp_queue_resume relies on it). Anything else stops the queue. */
+void dp_vq_push(struct dp_vq *vq, const struct dp_chain *c, uint32_t len)
 {
+    if (vq->broken == DP_BROKEN_ORDER)
+        return;
+    if (c->avail_idx != vq->used_idx) {
+        vq->broken = DP_BROKEN_ORDER;
+        vq->broken_head = c->head;
+        return;
+    }
     struct vring_used_elem *e = &vq->used->ring[vq->used_idx % vq->num];
-    e->id = head;
+    e->id = c->head;
     e->len = len;
     vq->used_idx++;
     __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);

@@ -1,5 +1,6 @@
 /* The per-queue worker: wait for a kick, drain the ring in batches, complete in ring
- * order, interrupt once per batch. */
+ * order, interrupt once per batch. The IOTLB read lock is held for one batch at a
+ * time, so that IOTLB updates, faults of other queues and stops get in under load. */
 #include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -13,19 +14,27 @@
 #include "dataplane.h"
 
 #define PARALLEL_MIN_BYTES (256u << 10)  /* below this a batch is cheaper on one thread */
+#define LOG_VALID (1u << 16)
+#define FAULTED UINT32_MAX
 
 static void *helper_main(void *arg);
 
 struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_fd,
-                              struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_segs)
+                              struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_descs,
+                              struct dp_log *log)
 {
-    if (max_segs == 0 || max_segs > DP_MAX_SEGS)
-        max_segs = DP_MAX_SEGS;
+    if (max_descs < 3 || max_descs > DP_MAX_DESCS)
+        return NULL;
+    uint32_t max_segs = 2 * max_descs < DP_MAX_SEGS ? 2 * max_descs : DP_MAX_SEGS;
     struct dp_queue *q = calloc(1, sizeof(*q));
     if (!q)
         return NULL;
+    pthread_mutex_init(&q->helper.mu, NULL);
+    pthread_cond_init(&q->helper.work, NULL);
+    pthread_cond_init(&q->helper.done, NULL);
     for (unsigned i = 0; i < DP_BATCH; i++) {
         struct dp_slot *s = &q->slots[i];
+        s->chain.max_descs = max_descs;
         s->chain.max_segs = max_segs;
         s->chain.segs = calloc(max_segs, sizeof(*s->chain.segs));
         s->iov = calloc(max_segs, sizeof(*s->iov));
@@ -38,14 +47,15 @@ struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_
     q->dev_fd = dev_fd;
     q->kick_fd = kick_fd;
     q->stop_fd = stop_fd;
+    q->event_fd = -1;
     q->blk = blk;
-    q->max_segs = max_segs;
+    q->log = log;
     q->parallel_min_bytes = PARALLEL_MIN_BYTES;
     q->vq.tlb = tlb;
-    q->vq.broken = true;  /* until dp_vq_init gives it rings */
-    pthread_mutex_init(&q->helper.mu, NULL);
-    pthread_cond_init(&q->helper.work, NULL);
-    pthread_cond_init(&q->helper.done, NULL);
+    q->vq.broken = DP_BROKEN_RING;  /* until dp_vq_init gives it rings */
+    if (log)
+        dp_log_init(log);
+    dp_guard_install();
     return q;
 }
 
@@ -69,6 +79,16 @@ void dp_queue_free(struct dp_queue *q)
     free(q);
 }
 
+void dp_queue_request_stop(struct dp_queue *q)
+{
+    __atomic_store_n(&q->stop, 1, __ATOMIC_RELEASE);
+}
+
+static bool stopping(struct dp_queue *q)
+{
+    return __atomic_load_n(&q->stop, __ATOMIC_ACQUIRE);
+}
+
 static void notify(struct dp_queue *q)
 {
     q->interrupts++;
@@ -76,9 +96,10 @@ static void notify(struct dp_queue *q)
         ioctl(q->dev_fd, VDUSE_VQ_INJECT_IRQ, &q->index);
 }
 
-static void execute(struct dp_queue *q, struct dp_slot *s, struct dp_stats *stats)
+static void execute(struct dp_queue *q, struct dp_slot *s, struct dp_stats *stats,
+                    unsigned thread)
 {
-    s->used_len = dp_blk_handle(q->blk, &s->chain, s->iov, stats);
+    s->used_len = dp_guard_execute(q->blk, s, stats, q->log, thread, &q->write_enospc);
 }
 
 static void *helper_main(void *arg)
@@ -94,7 +115,7 @@ static void *helper_main(void *arg)
         uint32_t first = h->first, end = h->end;
         pthread_mutex_unlock(&h->mu);
         for (uint32_t i = first + 1; i < end; i += 2)
-            execute(q, &q->slots[i], &h->stats);
+            execute(q, &q->slots[i], &h->stats, 1);
         pthread_mutex_lock(&h->mu);
         h->pending = false;
         pthread_cond_signal(&h->done);
@@ -107,10 +128,11 @@ static bool is_data(const struct dp_chain *c)
 {
     /* Only IN and OUT may run side by side; the header was validated by nobody yet,
      * so peek at it the way dp_blk_handle will: anything unusual runs alone. */
-    if (c->bad || c->nsegs == 0 || c->segs[0].write || c->segs[0].len < 4)
-        return false;
     uint32_t type;
-    memcpy(&type, c->segs[0].addr, sizeof(type));
+    if (c->bad || c->poisoned || c->nsegs == 0 || c->segs[0].write || c->segs[0].len < 4)
+        return false;
+    if (!dp_guard_load32(c->segs[0].addr, &type))
+        return false;
     return type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_OUT;
 }
 
@@ -129,7 +151,7 @@ static void execute_parallel(struct dp_queue *q, uint32_t first, uint32_t end)
     if (!h->started) {
         if (pthread_create(&h->thread, NULL, helper_main, q) != 0) {
             for (uint32_t i = first; i < end; i++)
-                execute(q, &q->slots[i], &q->stats);
+                execute(q, &q->slots[i], &q->stats, 0);
             return;
         }
         h->started = true;
@@ -141,7 +163,7 @@ static void execute_parallel(struct dp_queue *q, uint32_t first, uint32_t end)
     pthread_cond_signal(&h->work);
     pthread_mutex_unlock(&h->mu);
     for (uint32_t i = first; i < end; i += 2)
-        execute(q, &q->slots[i], &q->stats);
+        execute(q, &q->slots[i], &q->stats, 0);
     pthread_mutex_lock(&h->mu);
     while (h->pending)
         pthread_cond_wait(&h->done, &h->mu);
@@ -171,55 +193,104 @@ static void execute_batch(struct dp_queue *q, uint32_t n)
         if (end == i)
             end = i + 1;
         for (; i < end; i++)
-            execute(q, &q->slots[i], &q->stats);
+            execute(q, &q->slots[i], &q->stats, 0);
     }
 }
 
-/* Drains the ring once; returns the requests completed, or -1 once the ring is broken. */
+static void complete_batch(struct dp_queue *q, uint32_t n)
+{
+    struct dp_vq *vq = &q->vq;
+    for (uint32_t i = 0; i < n; i++) {
+        struct dp_slot *s = &q->slots[i];
+        if (s->used_len == FAULTED) {
+            /* Executed, but its status byte faulted: nobody can tell the guest. */
+            if (!vq->broken) {
+                vq->broken = DP_BROKEN_FAULT;
+                vq->broken_head = s->chain.head;
+            }
+            return;
+        }
+        dp_vq_push(vq, &s->chain, s->used_len);
+        if (s->chain.poisoned && q->log)
+            __atomic_store_n(&q->log->crashed, 0, __ATOMIC_RELEASE);
+    }
+}
+
+static uint32_t pop_batch(struct dp_queue *q, int *r)
+{
+    uint32_t n = 0;
+    while (n < DP_BATCH && (*r = dp_guard_pop(&q->vq, &q->slots[n].chain)) == DP_POP_OK) {
+        struct dp_chain *c = &q->slots[n].chain;
+        if (q->crashed_pending && c->avail_idx == q->crashed_idx) {
+            c->poisoned = true;
+            q->crashed_pending = false;
+        }
+        n++;
+    }
+    return n;
+}
+
+static void report_broken(struct dp_queue *q)
+{
+    uint64_t one = 1;
+    if (!q->vq.broken || q->broken_reported)
+        return;
+    q->broken_reported = true;
+    if (q->event_fd >= 0 && write(q->event_fd, &one, sizeof(one)) < 0)
+        return;
+}
+
+static void remember_failed_fault(struct dp_vq *vq)
+{
+    if (vq->nfailed < DP_FAILED_IOVAS)
+        vq->failed[vq->nfailed++] = vq->fault_iova;
+}
+
+/* Drains the ring, one batch per read lock; returns the requests completed, or -1
+ * once the queue is broken. Stops early when asked to. */
 int dp_queue_process(struct dp_queue *q)
 {
     struct dp_vq *vq = &q->vq;
     struct dp_iotlb *tlb = vq->tlb;
-    int done = 0, r;
+    int done = 0;
 
-    pthread_rwlock_rdlock(&tlb->lock);
-    for (;;) {
+    while (!stopping(q)) {
+        int r;
+        pthread_rwlock_rdlock(&tlb->lock);
         r = dp_vq_map_rings(vq);
         if (r == 0) {
             dp_vq_disable_notify(vq);
-            do {
-                uint32_t n = 0;
-                while (n < DP_BATCH && (r = dp_vq_pop(vq, &q->slots[n].chain)) == DP_POP_OK) {
-                    vq->fault_final = false;
-                    n++;
-                }
-                if (n == 0)
-                    break;
+            uint32_t n = pop_batch(q, &r);
+            if (n) {
                 execute_batch(q, n);
-                for (uint32_t i = 0; i < n; i++)
-                    dp_vq_push(vq, q->slots[i].chain.head, q->slots[i].used_len);
+                complete_batch(q, n);
                 done += (int)n;
                 if (dp_vq_should_notify(vq))
                     notify(q);
-            } while (r == DP_POP_OK);
+            }
             if (r == DP_POP_EMPTY && dp_vq_enable_notify(vq))
-                continue;
+                r = DP_POP_OK;
         }
-        if (r != DP_POP_FAULT)
-            break;
         pthread_rwlock_unlock(&tlb->lock);
-        if (dp_iotlb_fault(tlb, vq->fault_iova) < 0)
-            vq->fault_final = true;
-        pthread_rwlock_rdlock(&tlb->lock);
+        if (vq->broken)
+            break;
+        if (r == DP_POP_FAULT) {
+            if (dp_iotlb_fault(tlb, vq->fault_iova) < 0)
+                remember_failed_fault(vq);
+            continue;
+        }
+        if (r != DP_POP_OK)
+            break;
     }
-    pthread_rwlock_unlock(&tlb->lock);
+    report_broken(q);
     return vq->broken ? -1 : done;
 }
 
 /* Re-attach after the previous server died. Each queue completes requests in ring
  * order and publishes used->idx per request, so the used ring is the durable progress:
  * everything past used->idx was at most in flight and is executed again (re-running
- * a block read, write or flush is safe). Returns 0 or a DP_POP_* error. */
+ * a block read, write or flush is safe), except a request whose execution crashed the
+ * previous process: that one fails. Returns 0 or a DP_POP_* error. */
 int dp_queue_resume(struct dp_queue *q)
 {
     struct dp_vq *vq = &q->vq;
@@ -229,15 +300,24 @@ int dp_queue_resume(struct dp_queue *q)
     while ((r = dp_vq_map_rings(vq)) == DP_POP_FAULT) {
         pthread_rwlock_unlock(&vq->tlb->lock);
         if (dp_iotlb_fault(vq->tlb, vq->fault_iova) < 0)
-            vq->fault_final = true;
+            remember_failed_fault(vq);
         pthread_rwlock_rdlock(&vq->tlb->lock);
     }
     if (r == 0) {
         uint16_t used = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+        uint16_t avail = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
         vq->last_avail_idx = vq->used_idx = used;
         vq->signalled_used_valid = false;
+        uint32_t crashed = q->log ? q->log->crashed : 0;
+        if (crashed & LOG_VALID) {
+            uint16_t idx = (uint16_t)crashed;
+            q->crashed_pending = (uint16_t)(idx - used) < (uint16_t)(avail - used);
+            q->crashed_idx = idx;
+            if (!q->crashed_pending)
+                q->log->crashed = 0;
+        }
     }
-    vq->fault_final = false;
+    vq->nfailed = 0;
     pthread_rwlock_unlock(&vq->tlb->lock);
     return r;
 }
@@ -265,8 +345,8 @@ static bool poll_ring(struct dp_queue *q)
                 found = true;
                 break;
             }
-            __builtin_ia32_pause();
-        } while (now_us() < deadline);
+            dp_cpu_relax();
+        } while (now_us() < deadline && !stopping(q));
         if (!found)
             found = dp_vq_enable_notify(vq);
     }
@@ -280,8 +360,10 @@ int dp_queue_run(struct dp_queue *q)
                             {.fd = q->stop_fd, .events = POLLIN}};
     for (;;) {
         if (!q->vq.broken)
-            while (dp_queue_process(q) >= 0 && poll_ring(q))
+            while (dp_queue_process(q) >= 0 && !stopping(q) && poll_ring(q))
                 ;
+        if (stopping(q))
+            return 0;
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;

@@ -1,0 +1,127 @@
+"""Data-plane scenarios that may kill their process, run in a child by the tests:
+`python -m tests.unit.dataplane_child CASE DIR`; prints one JSON line of results."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from csi_vduse._native import ffi, lib
+from tests.unit.fakeguest import OUTHDR, PAGE, Buf, Device, FakeGuest, callback_ops
+
+RW = lib.DP_PERM_READ | lib.DP_PERM_WRITE
+HOLE_IOVA = 0x9000_0000
+CRASH = b"CRASH-THE-SERVER"
+
+
+def _status(guest: FakeGuest, iova: int) -> int:
+    return guest.arena.read(iova, 1)[0]
+
+
+def sigbus(workdir: Path) -> dict[str, Any]:
+    """Guest buffers in a page the kernel would never populate (here: past the end of the
+    file behind the mapping, which raises SIGBUS on access, as an unpopulated VDUSE bounce
+    page does)."""
+    guest = FakeGuest(num=16, pages=64)
+    dev = Device(guest)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    fd = os.memfd_create("unpopulated")
+    os.ftruncate(fd, PAGE)
+    addr = libc.mmap(None, 2 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    va = ffi.cast("uint8_t *", addr)
+    assert lib.dp_iotlb_add(dev.tlb, HOLE_IOVA, HOLE_IOVA + 2 * PAGE - 1, va, RW) == 0
+    hole = HOLE_IOVA + PAGE
+    a = guest.arena
+    results: dict[str, Any] = {}
+
+    st = a.alloc(1)
+    head = guest.submit([Buf(hole, OUTHDR.size), Buf(st, 1, True)])
+    results["header_in_hole"] = [dev.process(), guest.reap(), _status(guest, st)]
+
+    hdr, st = a.alloc(OUTHDR.size), a.alloc(1)
+    a.write(hdr, OUTHDR.pack(lib.VIRTIO_BLK_T_IN, 0, 0))
+    head = guest.submit([Buf(hdr, OUTHDR.size), Buf(hole, 512, True), Buf(st, 1, True)])
+    results["read_into_hole"] = [dev.process(), guest.reap(), _status(guest, st)]
+
+    _, _, st = guest.blk_request(lib.VIRTIO_BLK_T_FLUSH)
+    results["flush_after"] = [dev.process(), guest.reap(), _status(guest, st)]
+
+    hdr = a.alloc(OUTHDR.size)
+    a.write(hdr, OUTHDR.pack(lib.VIRTIO_BLK_T_FLUSH, 0, 0))
+    head = guest.submit([Buf(hdr, OUTHDR.size), Buf(hole, 1, True)])
+    results["status_in_hole"] = [
+        dev.process(),
+        guest.reap(),
+        dev.broken,
+        int(dev.q.vq.broken_head),
+        head,
+    ]
+    results["faults"] = int(dev.q.stats.faults)
+    return results
+
+
+def _crash_setup(workdir: Path, resume: bool) -> tuple[FakeGuest, Device, list[bytes]]:
+    guest = FakeGuest(num=16, pages=64, path=str(workdir / "guest-memory"))
+    log_fd = os.open(workdir / "queue.log", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(log_fd, lib.DP_LOG_SIZE)
+    log_map = mmap.mmap(log_fd, lib.DP_LOG_SIZE)
+    log = ffi.cast("struct dp_log *", ffi.from_buffer(log_map))
+    backing = open(workdir / "disk.img", "r+b" if resume else "w+b")  # noqa: SIM115
+    if not resume:
+        os.ftruncate(backing.fileno(), 1 << 20)
+    writes: list[bytes] = []
+
+    def on_io(op: str, head: bytes) -> None:
+        if op != "write":
+            return
+        writes.append(head)
+        if head == CRASH:  # the backend crashes the process while executing this request
+            signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
+        return
+
+    ops, keep = callback_ops(on_io)
+    dev = Device(guest, ops=ops, log=log, file=backing, resume=resume)
+    dev.keep = (keep, log_map, ops)  # type: ignore[attr-defined]
+    return guest, dev, writes
+
+
+def crash(workdir: Path) -> dict[str, Any]:
+    guest, dev, _ = _crash_setup(workdir, resume=False)
+    for k, payload in enumerate((b"A" * 512, CRASH + b"B" * 496, b"C" * 512)):
+        guest.blk_request(lib.VIRTIO_BLK_T_OUT, sector=k, out=payload)
+    dev.process()
+    return {"survived": True}
+
+
+def resume(workdir: Path) -> dict[str, Any]:
+    guest, dev, writes = _crash_setup(workdir, resume=True)
+    statuses = []
+    done = dev.process()
+    for head, _ in guest.reap():
+        desc = guest.arena.read(guest.desc + 16 * ((head + 2) % guest.num), 16)
+        status_iova = int.from_bytes(desc[:8], "little")
+        statuses.append(_status(guest, status_iova))
+    return {
+        "done": done,
+        "statuses": statuses,
+        "writes": [w.decode() for w in writes],
+        "poisoned": int(dev.q.stats.poisoned),
+        "sectors": [dev.file_read(512 * k, 1).decode(errors="replace") for k in range(3)],
+    }
+
+
+CASES = {"sigbus": sigbus, "crash": crash, "resume": resume}
+
+if __name__ == "__main__":
+    print(json.dumps(CASES[sys.argv[1]](Path(sys.argv[2]))), flush=True)
