@@ -59,13 +59,15 @@ class Plugin:
         argv += self.args
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
-        deadline = time.monotonic() + 60
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"plugin did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
+        deadline = time.monotonic() + 120
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
-        grpc.channel_ready_future(self.channel).result(timeout=30)
+        while True:  # a socket a killed process left behind answers nothing
+            try:
+                grpc.channel_ready_future(self.channel).result(timeout=1)
+                break
+            except grpc.FutureTimeoutError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"plugin did not start:\n{self.log.read_text()}") from None
         self.identity = rpc_pb.IdentityStub(self.channel)
         self.controller = rpc_pb.ControllerStub(self.channel)
         self.node = rpc_pb.NodeStub(self.channel)

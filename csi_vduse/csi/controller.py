@@ -58,11 +58,15 @@ class ControllerService(rpc_pb.ControllerServicer):
         return volume, pb.VolumeCondition(abnormal=True, message=f"record unreadable: {reason}")
 
     def _condition(self, record: VolumeRecord) -> pb.VolumeCondition:
+        """The node's view first (what NodeGetVolumeStats says too), then the image's."""
+        if self.node is not None:
+            abnormal, message = self.node.condition(record.volume_id)
+            if abnormal:
+                return pb.VolumeCondition(abnormal=True, message=message)
         if self.provisioner.image_missing(record):
             return pb.VolumeCondition(abnormal=True, message="the volume's image is missing")
         if self.node is not None:
-            abnormal, message = self.node.condition(record.volume_id)
-            return pb.VolumeCondition(abnormal=abnormal, message=message)
+            return pb.VolumeCondition(abnormal=False, message=message)
         return pb.VolumeCondition(abnormal=False, message="image present")
 
     @rpc

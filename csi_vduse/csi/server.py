@@ -75,6 +75,7 @@ class Driver:
             rpc_pb.add_ControllerServicer_to_server(service, self.server)
 
     def start(self) -> None:
+        log.info("starting: serving the volumes staged on this node first")
         for d in (self.config.state_dir, self.config.data_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for problem in host_problems(self.config):

@@ -122,6 +122,18 @@ class Attachment:
             raise DeviceBusy(f"{self.device_path} is in use: {', '.join(reasons)}")
         self._teardown()
 
+    def release(self) -> None:
+        """Stops serving and lets go of the device, which stays in the kernel (with its
+        /dev/vdX and whatever is mounted on it) for the next process to re-attach. Every
+        worker ends between two batches: nothing is half done."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._device is not None:
+            self._device.close()
+            self._device = None
+        self._created = self._added = False
+
     def _teardown(self) -> None:
         if self._added:
             VdpaClient().delete(self.name)

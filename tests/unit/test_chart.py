@@ -86,6 +86,7 @@ ALL_ON: Obj = {
         "annotations": {"example.com/owner": "storage"},
     },
     "healthPort": 19818,
+    "pluginHealthPort": 19810,
     "registrarHealthPort": 19819,
     "resources": {
         name: {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
@@ -495,17 +496,21 @@ def test_plugin_sees_every_host_path_it_uses(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_liveness_is_wired_to_the_livenessprobe_sidecar(name: str) -> None:
+def test_liveness_is_the_process_and_readiness_the_host(name: str) -> None:
     values = merged(VALUE_SETS[name])
     by_name = containers(objects(VALUE_SETS[name]))
     plugin, probe = by_name["csi-vduse"], by_name["livenessprobe"]
     port = int(flag(probe["args"], "--health-port"))
     assert port == values["healthPort"]
     ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
+    own = int(flag(plugin["args"], "--health-address").rsplit(":", 1)[1])
+    assert own == values["pluginHealthPort"] != port
     for kind in ("livenessProbe", "startupProbe"):
         get = plugin[kind]["httpGet"]
-        assert get["path"] == "/healthz"
-        assert ports[get["port"]] == port, kind
+        assert get["path"] == "/livez"
+        assert ports[get["port"]] == own, kind
+    get = plugin["readinessProbe"]["httpGet"]
+    assert get["path"] == "/healthz" and ports[get["port"]] == port
     registrar = by_name["node-driver-registrar"]
     registrar_port = int(flag(registrar["args"], "--http-endpoint").rsplit(":", 1)[1])
     get = registrar["livenessProbe"]["httpGet"]
