@@ -167,7 +167,8 @@ def go_build(component: GoComponent, out: Path) -> dict[str, Any]:
     info = download(component.module, component.version)
     gomod, commit, released = module_facts(info)
     values = {"version": component.version, "commit": commit, "date": released}
-    xflags = [f"-X {flag.format(**values)}" for flag in component.version_ldflags]
+    assignments = [flag.format(**values) for flag in component.version_ldflags]
+    xflags = [f"-X {a}" for a in assignments if not a.endswith("=")]
     flags = ["-trimpath", "-ldflags", " ".join(["-s", "-w", *xflags])]
     if component.tags:
         flags += ["-tags", ",".join(component.tags)]
@@ -208,6 +209,7 @@ def ensure_go(component: GoComponent) -> dict[str, Path]:
             record["seconds"] = round(time.monotonic() - started, 1)
             record["go"] = run(["go", "env", "GOVERSION"]).strip()
             (tmp / "build-info.json").write_text(json.dumps(record, indent=2) + "\n")
+            tmp.chmod(0o755)
             if component.cache_dir.exists():
                 shutil.rmtree(component.cache_dir)
             tmp.rename(component.cache_dir)

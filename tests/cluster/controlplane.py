@@ -118,12 +118,13 @@ CLIENTS = {
     "scheduler": "/CN=system:kube-scheduler",
     "apiserver-kubelet-client": "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client",
     "apiserver-etcd-client": "/CN=kube-apiserver-etcd-client",
+    "front-proxy-client": "/CN=front-proxy-client",
 }
 
 
 def make_pki(pki: Pki) -> None:
     pki.dir.mkdir(parents=True, exist_ok=True)
-    if pki.sa_pub.exists():
+    if pki.sa_pub.exists() and all(pki.crt(name).exists() for name in CLIENTS):
         return
     make_ca(pki)
     make_cert(pki, "apiserver", "/CN=kube-apiserver", SERVER_EKU, API_SANS)
@@ -218,6 +219,13 @@ class ControlPlane:
             f"--service-account-signing-key-file={p.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+            f"--requestheader-client-ca-file={p.ca}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={p.crt('front-proxy-client')}",
+            f"--proxy-client-key-file={p.key('front-proxy-client')}",
             "--allow-privileged=true", "--endpoint-reconciler-type=none",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
         ]
