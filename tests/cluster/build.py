@@ -55,13 +55,10 @@ def log(message: str) -> None:
 
 
 def run(cmd: Sequence[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(
-        list(cmd), cwd=cwd, env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise BuildError(
-            f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-8000:]}"
-        )
+        output = (proc.stderr.strip() or proc.stdout.strip())[-8000:]
+        raise BuildError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{output}")
     if proc.stderr.strip():
         sys.stderr.write(proc.stderr)
     return proc.stdout
@@ -222,7 +219,9 @@ def ensure_go(component: GoComponent) -> dict[str, Path]:
 def installed_deb_version(package: str) -> str | None:
     proc = subprocess.run(
         ["dpkg-query", "-W", "-f", "${db:Status-Status} ${Version}", package],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     status, _, version = proc.stdout.partition(" ")
     return version if proc.returncode == 0 and status == "installed" else None
@@ -275,16 +274,27 @@ def go_components(v: dict[str, str]) -> list[GoComponent]:
     containerd = "github.com/containerd/containerd/v2"
     return [
         GoComponent(
-            "kubernetes", "k8s.io/kubernetes", v["KUBERNETES_VERSION"],
-            tuple(f"cmd/{c}" for c in (
-                "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl",
-            )),
+            "kubernetes",
+            "k8s.io/kubernetes",
+            v["KUBERNETES_VERSION"],
+            tuple(
+                f"cmd/{c}"
+                for c in (
+                    "kube-apiserver",
+                    "kube-controller-manager",
+                    "kube-scheduler",
+                    "kubelet",
+                    "kubectl",
+                )
+            ),
             tags=("selinux", "notest", "grpcnotrace"),
             version_ldflags=tuple(kube_x),
             local_replace_version=v["KUBERNETES_STAGING_VERSION"],
         ),
         GoComponent(
-            "containerd", containerd, v["CONTAINERD_VERSION"],
+            "containerd",
+            containerd,
+            v["CONTAINERD_VERSION"],
             ("cmd/containerd", "cmd/containerd-shim-runc-v2", "cmd/ctr"),
             tags=("urfave_cli_no_docs", "no_btrfs", "osusergo", "netgo"),
             version_ldflags=(
@@ -293,16 +303,27 @@ def go_components(v: dict[str, str]) -> list[GoComponent]:
             ),
         ),
         GoComponent(
-            "runc", "github.com/opencontainers/runc", v["RUNC_VERSION"], (".",),
-            tags=("seccomp", "urfave_cli_no_docs"), cgo=True, build_debs=("libseccomp-dev",),
+            "runc",
+            "github.com/opencontainers/runc",
+            v["RUNC_VERSION"],
+            (".",),
+            tags=("seccomp", "urfave_cli_no_docs"),
+            cgo=True,
+            build_debs=("libseccomp-dev",),
             version_ldflags=("main.gitCommit={commit}",),
         ),
         GoComponent(
-            "crictl", "sigs.k8s.io/cri-tools", v["CRICTL_VERSION"], ("cmd/crictl",),
+            "crictl",
+            "sigs.k8s.io/cri-tools",
+            v["CRICTL_VERSION"],
+            ("cmd/crictl",),
             version_ldflags=("sigs.k8s.io/cri-tools/pkg/version.Version={version}",),
         ),
         GoComponent(
-            "helm", "helm.sh/helm/v4", v["HELM_VERSION"], ("cmd/helm",),
+            "helm",
+            "helm.sh/helm/v4",
+            v["HELM_VERSION"],
+            ("cmd/helm",),
             version_ldflags=(
                 "helm.sh/helm/v4/internal/version.version={version}",
                 "helm.sh/helm/v4/internal/version.gitCommit={commit}",
@@ -310,17 +331,23 @@ def go_components(v: dict[str, str]) -> list[GoComponent]:
             ),
         ),
         GoComponent(
-            "external-provisioner", "github.com/kubernetes-csi/external-provisioner/v6",
-            v["EXTERNAL_PROVISIONER_VERSION"], ("cmd/csi-provisioner",),
+            "external-provisioner",
+            "github.com/kubernetes-csi/external-provisioner/v6",
+            v["EXTERNAL_PROVISIONER_VERSION"],
+            ("cmd/csi-provisioner",),
             version_ldflags=("main.version={version}",),
         ),
         GoComponent(
-            "external-resizer", "github.com/kubernetes-csi/external-resizer/v2",
-            v["EXTERNAL_RESIZER_VERSION"], ("cmd/csi-resizer",),
+            "external-resizer",
+            "github.com/kubernetes-csi/external-resizer/v2",
+            v["EXTERNAL_RESIZER_VERSION"],
+            ("cmd/csi-resizer",),
             version_ldflags=("main.version={version}",),
         ),
         GoComponent(
-            "csi-sanity", "github.com/kubernetes-csi/csi-test/v5", v["CSI_SANITY_VERSION"],
+            "csi-sanity",
+            "github.com/kubernetes-csi/csi-test/v5",
+            v["CSI_SANITY_VERSION"],
             ("cmd/csi-sanity",),
             version_ldflags=("main.VERSION={version}",),
         ),
@@ -330,14 +357,11 @@ def go_components(v: dict[str, str]) -> list[GoComponent]:
 def deb_components(v: dict[str, str]) -> list[DebComponent]:
     cni_dir = Path(v["CNI_BIN_DIR"])
     return [
+        DebComponent("etcd-server", v["ETCD_DEB_VERSION"], {"etcd": Path("/usr/bin/etcd")}),
+        DebComponent("etcd-client", v["ETCD_DEB_VERSION"], {"etcdctl": Path("/usr/bin/etcdctl")}),
         DebComponent(
-            "etcd-server", v["ETCD_DEB_VERSION"], {"etcd": Path("/usr/bin/etcd")}
-        ),
-        DebComponent(
-            "etcd-client", v["ETCD_DEB_VERSION"], {"etcdctl": Path("/usr/bin/etcdctl")}
-        ),
-        DebComponent(
-            "containernetworking-plugins", v["CNI_PLUGINS_DEB_VERSION"],
+            "containernetworking-plugins",
+            v["CNI_PLUGINS_DEB_VERSION"],
             {"cni-bin-dir": cni_dir, "cni-bridge": cni_dir / "bridge"},
         ),
     ]

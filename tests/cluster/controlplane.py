@@ -81,10 +81,24 @@ class Pki:
 
 def make_ca(pki: Pki) -> None:
     openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
-        "-subj", "/CN=csi-vduse-test-ca", "-keyout", str(pki.key("ca")), "-out", str(pki.ca),
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-sha256",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=csi-vduse-test-ca",
+        "-keyout",
+        str(pki.key("ca")),
+        "-out",
+        str(pki.ca),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
     )
 
 
@@ -100,13 +114,35 @@ def make_cert(pki: Pki, name: str, subject: str, usage: str, sans: str | None = 
     ext.write_text("\n".join(lines) + "\n")
     csr = pki.dir / f"{name}.csr"
     openssl(
-        "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
-        "-keyout", str(pki.key(name)), "-out", str(csr),
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        subject,
+        "-keyout",
+        str(pki.key(name)),
+        "-out",
+        str(csr),
     )
     openssl(
-        "x509", "-req", "-sha256", "-days", "3650", "-in", str(csr), "-CA", str(pki.ca),
-        "-CAkey", str(pki.key("ca")), "-CAcreateserial", "-extfile", str(ext),
-        "-out", str(pki.crt(name)),
+        "x509",
+        "-req",
+        "-sha256",
+        "-days",
+        "3650",
+        "-in",
+        str(csr),
+        "-CA",
+        str(pki.ca),
+        "-CAkey",
+        str(pki.key("ca")),
+        "-CAcreateserial",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(pki.crt(name)),
     )
     csr.unlink()
     ext.unlink()
@@ -132,8 +168,9 @@ def make_pki(pki: Pki) -> None:
     make_cert(pki, "loopback-serving", "/CN=localhost", SERVER_EKU, LOOPBACK_SANS)
     for name, subject in CLIENTS.items():
         make_cert(pki, name, subject, CLIENT_EKU)
-    openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
-            "-out", str(pki.sa_key))
+    openssl(
+        "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(pki.sa_key)
+    )
     openssl("pkey", "-in", str(pki.sa_key), "-pubout", "-out", str(pki.sa_pub))
 
 
@@ -141,10 +178,18 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, client: str) -> Path:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {
-            "server": server, "certificate-authority": str(pki.ca)}}],
-        "users": [{"name": client, "user": {
-            "client-certificate": str(pki.crt(client)), "client-key": str(pki.key(client))}}],
+        "clusters": [
+            {"name": "test", "cluster": {"server": server, "certificate-authority": str(pki.ca)}}
+        ],
+        "users": [
+            {
+                "name": client,
+                "user": {
+                    "client-certificate": str(pki.crt(client)),
+                    "client-key": str(pki.key(client)),
+                },
+            }
+        ],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": client}}],
         "current-context": "test",
     }
@@ -194,31 +239,42 @@ class ControlPlane:
         p, url = self.pki, f"https://{HOST}:{self.ports.etcd_client}"
         peer = f"http://{HOST}:{self.ports.etcd_peer}"
         return [
-            str(self.binaries["etcd"]), "--name=default", f"--data-dir={self.workdir / 'etcd'}",
-            f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
-            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+            str(self.binaries["etcd"]),
+            "--name=default",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls={url}",
+            f"--advertise-client-urls={url}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=default={peer}",
-            f"--cert-file={p.crt('etcd-server')}", f"--key-file={p.key('etcd-server')}",
-            f"--trusted-ca-file={p.ca}", "--client-cert-auth=true",
+            f"--cert-file={p.crt('etcd-server')}",
+            f"--key-file={p.key('etcd-server')}",
+            f"--trusted-ca-file={p.ca}",
+            "--client-cert-auth=true",
         ]
 
     def apiserver_args(self) -> list[str]:
         p = self.pki
         return [
             str(self.binaries["kube-apiserver"]),
-            f"--bind-address={HOST}", f"--advertise-address={HOST}",
+            f"--bind-address={HOST}",
+            f"--advertise-address={HOST}",
             f"--secure-port={self.ports.apiserver}",
             f"--etcd-servers=https://{HOST}:{self.ports.etcd_client}",
-            f"--etcd-cafile={p.ca}", f"--etcd-certfile={p.crt('apiserver-etcd-client')}",
+            f"--etcd-cafile={p.ca}",
+            f"--etcd-certfile={p.crt('apiserver-etcd-client')}",
             f"--etcd-keyfile={p.key('apiserver-etcd-client')}",
-            f"--tls-cert-file={p.crt('apiserver')}", f"--tls-private-key-file={p.key('apiserver')}",
+            f"--tls-cert-file={p.crt('apiserver')}",
+            f"--tls-private-key-file={p.key('apiserver')}",
             f"--client-ca-file={p.ca}",
             f"--kubelet-client-certificate={p.crt('apiserver-kubelet-client')}",
             f"--kubelet-client-key={p.key('apiserver-kubelet-client')}",
-            f"--service-account-issuer={SA_ISSUER}", f"--service-account-key-file={p.sa_pub}",
+            f"--service-account-issuer={SA_ISSUER}",
+            f"--service-account-key-file={p.sa_pub}",
             f"--service-account-signing-key-file={p.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
             f"--requestheader-client-ca-file={p.ca}",
             "--requestheader-allowed-names=front-proxy-client",
             "--requestheader-username-headers=X-Remote-User",
@@ -226,16 +282,19 @@ class ControlPlane:
             "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             f"--proxy-client-cert-file={p.crt('front-proxy-client')}",
             f"--proxy-client-key-file={p.key('front-proxy-client')}",
-            "--allow-privileged=true", "--endpoint-reconciler-type=none",
+            "--allow-privileged=true",
+            "--endpoint-reconciler-type=none",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
         ]
 
     def component_args(self, client: str, port: int) -> list[str]:
         p, kubeconfig = self.pki, self.kubeconfig(client)
         return [
-            f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
             f"--authorization-kubeconfig={kubeconfig}",
-            f"--bind-address={HOST}", f"--secure-port={port}",
+            f"--bind-address={HOST}",
+            f"--secure-port={port}",
             f"--tls-cert-file={p.crt('loopback-serving')}",
             f"--tls-private-key-file={p.key('loopback-serving')}",
             "--leader-elect=false",
@@ -247,8 +306,10 @@ class ControlPlane:
             str(self.binaries["kube-controller-manager"]),
             *self.component_args("controller-manager", self.ports.controller_manager),
             "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={p.sa_key}", f"--root-ca-file={p.ca}",
-            f"--cluster-signing-cert-file={p.ca}", f"--cluster-signing-key-file={p.key('ca')}",
+            f"--service-account-private-key-file={p.sa_key}",
+            f"--root-ca-file={p.ca}",
+            f"--cluster-signing-cert-file={p.ca}",
+            f"--cluster-signing-key-file={p.key('ca')}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
         ]
 
@@ -261,7 +322,10 @@ class ControlPlane:
     def spawn(self, name: str, args: list[str]) -> None:
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         log.close()
@@ -327,7 +391,9 @@ class ControlPlane:
     def kubectl(self, *args: str) -> str:
         proc = subprocess.run(
             [str(self.binaries["kubectl"]), f"--kubeconfig={self.admin_kubeconfig}", *args],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if proc.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)}: {proc.stderr}")
@@ -342,7 +408,9 @@ class ControlPlane:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()
@@ -362,8 +430,9 @@ def smoke(workdir: Path) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.cluster.controlplane",
-                                     description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.cluster.controlplane", description=__doc__
+    )
     parser.add_argument("--workdir", type=Path, help="keep certificates, data and logs here")
     args = parser.parse_args(argv)
     if args.workdir:
