@@ -1,7 +1,8 @@
-"""Build hooks: the cffi extension, and the CSI protobuf/gRPC modules generated from csi.proto.
+"""Build hooks: the cffi extension, and the protobuf/gRPC modules generated from csi.proto
+(the CSI services) and pluginregistration.proto (the kubelet's plugin registration).
 
-The generated modules (csi_vduse/csi/proto/csi_pb2.py, csi_pb2.pyi, csi_pb2_grpc.py) are
-not checked in: build_py runs grpc_tools.protoc on every build and writes them both into
+The generated modules (csi_vduse/csi/proto/<name>_pb2.py, <name>_pb2.pyi, <name>_pb2_grpc.py)
+are not checked in: build_py runs grpc_tools.protoc on every build and writes them both into
 the source tree (so an editable install, which imports from the source tree, sees them)
 and into build_lib (so a wheel carries them, the .pyi included).
 """
@@ -13,11 +14,11 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-PROTO = "csi_vduse/csi/proto/csi.proto"
+PROTOS = ("csi_vduse/csi/proto/csi.proto", "csi_vduse/csi/proto/pluginregistration.proto")
 
 
-def generate_csi_modules(out_dir: Path) -> None:
-    """Run protoc on PROTO with ROOT as the import root, writing the modules under out_dir."""
+def generate_proto_modules(out_dir: Path) -> None:
+    """Run protoc on PROTOS with ROOT as the import root, writing the modules under out_dir."""
     import grpc_tools
     from grpc_tools import protoc
 
@@ -30,21 +31,21 @@ def generate_csi_modules(out_dir: Path) -> None:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        str(ROOT / PROTO),
+        *(str(ROOT / proto) for proto in PROTOS),
     ]
     status = protoc.main(args)
     if status != 0:
-        sys.exit(f"grpc_tools.protoc failed on {PROTO} (exit {status})")
+        sys.exit(f"grpc_tools.protoc failed on {', '.join(PROTOS)} (exit {status})")
 
 
 class BuildPyWithProtos(build_py):
-    """build_py that first generates the CSI modules into the source tree and build_lib."""
+    """build_py that first generates the proto modules into the source tree and build_lib."""
 
     def run(self) -> None:
-        generate_csi_modules(ROOT)
+        generate_proto_modules(ROOT)
         build_lib = Path(self.build_lib).resolve()
         if build_lib != ROOT:
-            generate_csi_modules(build_lib)
+            generate_proto_modules(build_lib)
         super().run()
 
 

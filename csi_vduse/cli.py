@@ -58,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--health-address", help="HOST:PORT serving /livez, /readyz and /metrics (default: none)"
     )
+    serve.add_argument(
+        "--registration-dir",
+        help="the kubelet's plugins_registry dir: register with the kubelet there "
+        "(default: none, do not register)",
+    )
+    serve.add_argument(
+        "--kubelet-endpoint",
+        help="the CSI socket's path on the host, as the kubelet dials it "
+        "(required with --registration-dir)",
+    )
     serve.add_argument("--log-format", help="json (default) or text")
     return parser
 
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
             flags = ("endpoint", "node_id", "driver_name", "state_dir", "data_dir",
                      "components", "max_volumes", "log_format", "reconcile_interval",
-                     "health_address")  # fmt: skip
+                     "health_address", "registration_dir", "kubelet_endpoint")  # fmt: skip
             given = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
             if args.log_level is not None:
                 given["log_level"] = args.log_level

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 COMPONENTS = ("identity", "controller", "node")
+# sun_path holds 108 bytes with the terminating NUL
+_MAX_SOCKET_PATH = 107
 _DRIVER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -20,6 +22,20 @@ def _endpoint(value: str) -> str:
     if not path.startswith("/"):
         raise ValueError(f"the socket path {path!r} must be absolute (unix:///PATH)")
     return value
+
+
+def _kubelet_endpoint(value: str) -> str:
+    if value.startswith("unix://"):
+        raise ValueError("give the socket's path without unix://, as the kubelet dials it")
+    if value and not value.startswith("/"):
+        raise ValueError(f"the socket path {value!r} must be absolute (the path on the host)")
+    if len(value.encode()) > _MAX_SOCKET_PATH:
+        raise ValueError(f"a Unix socket path has at most {_MAX_SOCKET_PATH} bytes")
+    return value
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
 
 
 def _driver_name(value: str) -> str:
@@ -65,12 +81,38 @@ class ServeConfig(BaseSettings):
     reconcile_interval: Annotated[float, Field(ge=0.5, le=3600)] = 30.0
     # HOST:PORT of /livez, /readyz and /metrics; empty: not served
     health_address: Annotated[str, AfterValidator(_health_address)] = ""
+    # the kubelet's plugins_registry dir, where the plugin registers itself; empty: it does not
+    registration_dir: Annotated[Path | None, BeforeValidator(_empty_is_none)] = None
+    # the CSI socket's path as the kubelet sees it on the host (told to the kubelet)
+    kubelet_endpoint: Annotated[str, AfterValidator(_kubelet_endpoint)] = ""
     log_level: Annotated[
         str,
         BeforeValidator(lambda v: str(v).lower()),
         Field(pattern="^(debug|info|warning|error)$"),
     ] = "info"
     log_format: Annotated[str, Field(pattern="^(json|text)$")] = "json"
+
+    @model_validator(mode="after")
+    def _registration_is_complete(self) -> Self:
+        if self.registration_socket is None:
+            return self
+        if not self.kubelet_endpoint:
+            raise ValueError(
+                "--registration-dir needs --kubelet-endpoint: the CSI socket's path on the host"
+            )
+        if len(str(self.registration_socket).encode()) > _MAX_SOCKET_PATH:
+            raise ValueError(
+                f"the registration socket {self.registration_socket} is longer than "
+                f"{_MAX_SOCKET_PATH} bytes; use a shorter --registration-dir"
+            )
+        return self
+
+    @property
+    def registration_socket(self) -> Path | None:
+        """Where the kubelet's plugin watcher finds this driver (node-driver-registrar's name)."""
+        if self.registration_dir is None:
+            return None
+        return self.registration_dir / f"{self.driver_name}-reg.sock"
 
     @property
     def socket_path(self) -> Path:

@@ -20,6 +20,9 @@ from csi_vduse.csi.identity import IdentityService, host_problems
 from csi_vduse.csi.node import NodeService
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
+from csi_vduse.csi.proto import pluginregistration_pb2 as reg_pb
+from csi_vduse.csi.proto import pluginregistration_pb2_grpc as reg_rpc_pb
+from csi_vduse.csi.registration import RegistrationService
 from csi_vduse.health import HealthServer
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.node import NodeVolumes
@@ -54,6 +57,18 @@ def prepare_socket(path: Path) -> None:
     raise EndpointInUse(f"another server is listening on {path}")
 
 
+def listen(server: grpc.Server, path: Path) -> None:
+    """Starts `server` on a fresh socket at `path` that only root can open."""
+    prepare_socket(path)
+    old = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix://{path}")
+        server.start()
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+
+
 class Driver:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -63,6 +78,15 @@ class Driver:
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
         self.health: HealthServer | None = None
+        # the kubelet's side: its own server, so the registration socket serves nothing else
+        self.registration: RegistrationService | None = None
+        self.registration_server: grpc.Server | None = None
+        if config.registration_socket is not None:
+            self.registration = RegistrationService(config.driver_name, config.kubelet_endpoint)
+            self.registration_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            reg_rpc_pb.add_RegistrationServicer_to_server(
+                self.registration, self.registration_server
+            )
         rpc_pb.add_IdentityServicer_to_server(IdentityService(config), self.server)
         if "node" in config.components:
             self.node = NodeVolumes(config.data_dir, config.state_dir, self.locks,
@@ -76,6 +100,8 @@ class Driver:
 
     def start(self) -> None:
         log.info("starting: serving the volumes staged on this node first")
+        if self.config.registration_socket is not None:  # refused before anything is served
+            prepare_socket(self.config.registration_socket)
         for d in (self.config.state_dir, self.config.data_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for problem in host_problems(self.config):
@@ -87,14 +113,9 @@ class Driver:
             )
             self._reconciler.start()
         path = self.config.socket_path
-        prepare_socket(path)
-        old = os.umask(0o177)
-        try:
-            self.server.add_insecure_port(f"unix://{path}")
-            self.server.start()
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
+        listen(self.server, path)
+        if self.registration_server is not None:
+            self._register()
         if self.config.health_address:
             registry = CollectorRegistry()
             if self.node is not None:
@@ -107,6 +128,19 @@ class Driver:
         log.info("serving CSI on %s", path, extra={
             "driver": self.config.driver_name, "node": self.config.node_id,
             "components": ",".join(self.config.components),
+        })  # fmt: skip
+
+    def _register(self) -> None:
+        """Opens the registration socket once the CSI socket answers: the kubelet calls
+        NodeGetInfo on the CSI endpoint as soon as it accepts the registration."""
+        socket_path = self.config.registration_socket
+        assert self.registration_server is not None and socket_path is not None
+        if "node" not in self.config.components:
+            log.warning("registering with the kubelet without the node service: the kubelet "
+                        "will refuse the driver (its NodeGetInfo fails)")  # fmt: skip
+        listen(self.registration_server, socket_path)
+        log.info("serving kubelet plugin registration on %s", socket_path, extra={
+            "driver": self.config.driver_name, "kubelet_endpoint": self.config.kubelet_endpoint,
         })  # fmt: skip
 
     def _reconcile_loop(self) -> None:
@@ -126,6 +160,14 @@ class Driver:
                 rpc_pb.IdentityStub(channel).GetPluginInfo(pb.GetPluginInfoRequest(), timeout=5)
         except grpc.RpcError as e:
             problems.append(f"the CSI socket does not answer: {e.code().name}")
+        socket_path = self.config.registration_socket
+        if socket_path is not None:  # the kubelet finds the driver only through it
+            try:
+                with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+                    reg_rpc_pb.RegistrationStub(channel).GetInfo(reg_pb.InfoRequest(), timeout=5)
+            except grpc.RpcError as e:
+                problems.append(f"the registration socket {socket_path} does not answer: "
+                                f"{e.code().name}")  # fmt: skip
         if self._reconciler is not None and not self._reconciler.is_alive():
             problems.append("the reconciler thread stopped")
         if self.node is not None:
@@ -133,11 +175,17 @@ class Driver:
         return problems
 
     def readiness_problems(self) -> list[str]:
-        return host_problems(self.config)
+        refused = self.registration.problems() if self.registration is not None else []
+        return host_problems(self.config) + refused
 
     def stop(self) -> None:
         """Stops answering; staged volumes stay (their kernel devices outlive us)."""
         self._stop.set()
+        socket_path = self.config.registration_socket
+        if self.registration_server is not None and socket_path is not None:
+            # first, so the kubelet deregisters the driver before its CSI socket goes
+            self.registration_server.stop(grace=1).wait()
+            socket_path.unlink(missing_ok=True)
         if self.health is not None:
             self.health.stop()
         self.server.stop(grace=5).wait()

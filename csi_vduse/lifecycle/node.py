@@ -375,11 +375,13 @@ class NodeVolumes:
     # expansion and health
 
     def expand(self, volume_id: str, volume_path: str, required: int, limit: int) -> int:
-        _path_arg(volume_path, "volume_path")
+        if not volume_path:
+            raise InvalidArgument("volume_path is required")
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
             record = self._record(volume_id)
+            _path_arg(volume_path, "volume_path")
             attached = self.attached.get(volume_id)
             staged = self._staged(volume_id)
             if attached is None or staged is None:
@@ -430,10 +432,14 @@ class NodeVolumes:
         )
 
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
-        path = _path_arg(volume_path, "volume_path")
+        """The volume is looked up first: an unknown volume is NOT_FOUND whatever the path,
+        and so is a path where the volume is not (relative paths included)."""
+        if not volume_path:
+            raise InvalidArgument("volume_path is required")
         self._record(volume_id)
-        if not path.exists():
-            raise NotFound(f"volume_path {path} does not exist")
+        path = Path(volume_path)
+        if "\0" in volume_path or not path.is_absolute() or not path.exists():
+            raise NotFound(f"volume {volume_id} is not at {volume_path!r}")
         abnormal, message = self.condition(volume_id)
         attached = self.attached.get(volume_id)
         if not path.is_dir():

@@ -384,6 +384,18 @@ def ensure_components(only: Sequence[str] | None = None) -> dict[str, Path]:
     return paths
 
 
+def component_path(binary: str) -> Path:
+    """Where a built binary is, without building (inside the lab the root is read-only):
+    `python -m tests.cluster.build` on the host builds it first."""
+    for component in go_components(read_versions()):
+        path = component.paths().get(binary)
+        if path is not None:
+            if not component.is_built():
+                raise BuildError(f"{binary} is not built: run python -m tests.cluster.build")
+            return path
+    raise KeyError(binary)
+
+
 def component_names() -> list[str]:
     return ["debian", *(c.name for c in go_components(read_versions()))]
 

@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,13 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 import csi_vduse
 import csi_vduse.csi.server
 from csi_vduse import cli
 from csi_vduse.config import ServeConfig
+from csi_vduse.health import HealthServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "csi-vduse"
@@ -50,7 +54,7 @@ KIND_ORDER = (
     "CSIDriver", "StorageClass", "DaemonSet",
 )  # fmt: skip
 NAMESPACED = {"ServiceAccount", "Role", "RoleBinding", "DaemonSet"}
-SIDECARS = ("node-driver-registrar", "livenessprobe", "csi-provisioner", "csi-resizer")
+SIDECARS = ("csi-provisioner", "csi-resizer")
 
 # Every option switched on or away from its default.
 ALL_ON: Obj = {
@@ -85,12 +89,10 @@ ALL_ON: Obj = {
         "name": "vduse-node",
         "annotations": {"example.com/owner": "storage"},
     },
-    "healthPort": 19818,
     "pluginHealthPort": 19810,
-    "registrarHealthPort": 19819,
     "resources": {
         name: {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
-        for name in ("plugin", "registrar", "livenessprobe", "provisioner", "resizer")
+        for name in ("plugin", "provisioner", "resizer")
     },
     "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
     "priorityClassName": "system-cluster-critical",
@@ -136,7 +138,7 @@ ALL_OFF: Obj = {
     "priorityClassName": "",
     "nodeSelector": {},
     "tolerations": [],
-    "resources": {name: {} for name in ("plugin", "registrar", "livenessprobe", "provisioner")},
+    "resources": {name: {} for name in ("plugin", "provisioner")},
     "storageClasses": [],
 }
 
@@ -319,6 +321,9 @@ def test_kube_version_range_is_covered_by_the_schemas() -> None:
         ({"updateStrategy": {"type": "Recreate"}}, "updateStrategy"),
         ({"logLevel": "verbose"}, "logLevel"),
         ({"resources": {"plugin": {"requests": {"cpu": "lots"}}}}, "cpu"),
+        # the sidecars the plugin replaced: an old values file names what is gone
+        ({"registrarHealthPort": 9819}, "registrarHealthPort"),
+        ({"images": {"registrar": {"repository": "r", "tag": "v2.14.0"}}}, "registrar"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_key(values: Obj, key: str) -> None:
@@ -429,10 +434,16 @@ def test_plugin_starts_with_the_charts_settings(name: str, monkeypatch: pytest.M
     assert config.max_volumes == values["maxVolumesPerNode"]
     assert config.log_level == values["logLevel"]
     assert config.log_format == values["logFormat"]
+    assert config.health_address == f":{values['pluginHealthPort']}"
+    kubelet, driver = values["kubeletDir"], values["driverName"]
+    assert config.registration_socket == Path(f"{kubelet}/plugins_registry/{driver}-reg.sock")
+    assert config.kubelet_endpoint == f"{kubelet}/plugins/{driver}/csi.sock"
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_one_socket_shared_by_plugin_sidecars_and_kubelet(name: str) -> None:
+    """The sidecars dial the plugin's socket, and the plugin tells the kubelet (registering
+    itself) the host path of that same socket."""
     values = merged(VALUE_SETS[name])
     objs = objects(VALUE_SETS[name])
     spec, by_name = pod_spec(objs), containers(objs)
@@ -449,11 +460,31 @@ def test_one_socket_shared_by_plugin_sidecars_and_kubelet(name: str) -> None:
         address = flag(by_name[sidecar]["args"], "--csi-address")
         assert host_mount(spec, by_name[sidecar], address)[0] == socket, sidecar
 
-    registrar = by_name["node-driver-registrar"]
-    assert flag(registrar["args"], "--kubelet-registration-path") == kubelet_socket
-    assert host_mount(spec, registrar, "/registration/x.sock")[0] == (
-        f"{values['kubeletDir']}/plugins_registry/x.sock"
-    )
+    assert flag(plugin["args"], "--kubelet-endpoint") == kubelet_socket
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_plugin_registers_itself_where_the_kubelet_watches(name: str) -> None:
+    """The kubelet's plugin watcher looks for sockets in <kubeletDir>/plugins_registry on the
+    host; the plugin's registration socket must land there, under the driver's name."""
+    values = merged(VALUE_SETS[name])
+    objs = objects(VALUE_SETS[name])
+    spec, by_name = pod_spec(objs), containers(objs)
+    plugin = by_name["csi-vduse"]
+    config = ServeConfig(
+        node_id="node-1", driver_name=flag(plugin["args"], "--driver-name"),
+        registration_dir=Path(flag(plugin["args"], "--registration-dir")),
+        kubelet_endpoint=flag(plugin["args"], "--kubelet-endpoint"),
+    )  # fmt: skip
+    assert config.registration_socket is not None
+    host, _ = host_mount(spec, plugin, str(config.registration_socket))
+    registry = f"{values['kubeletDir']}/plugins_registry"
+    assert host == f"{registry}/{values['driverName']}-reg.sock"
+    volume = next(v for v in spec["volumes"] if v["hostPath"]["path"] == registry)
+    assert volume["hostPath"]["type"] == "Directory", "the kubelet creates it; never guess it"
+    others = [c["name"] for c in by_name.values() if c is not plugin and any(
+        m["name"] == volume["name"] for m in c.get("volumeMounts", []))]  # fmt: skip
+    assert others == [], "only the plugin registers with the kubelet"
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -479,6 +510,7 @@ def test_plugin_sees_every_host_path_it_uses(name: str) -> None:
         values["dataDir"]: None,
         f"{kubelet}/plugins": "Bidirectional",
         f"{kubelet}/pods": "Bidirectional",
+        f"{kubelet}/plugins_registry": None,
         # what kubelet passes: a staging path, a block publish path, a pod's publish target
         f"{kubelet}/plugins/kubernetes.io/csi/{driver}/0123abcd/globalmount": "Bidirectional",
         f"{kubelet}/plugins/kubernetes.io/csi/volumeDevices/publish/pv-1/uid-1": "Bidirectional",
@@ -497,27 +529,40 @@ def test_plugin_sees_every_host_path_it_uses(name: str) -> None:
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_liveness_is_the_process_and_readiness_the_host(name: str) -> None:
+    """Every probe of the plugin is its own HTTP endpoint (no livenessprobe sidecar): startup
+    and liveness /livez, readiness /readyz, on the port --health-address serves."""
     values = merged(VALUE_SETS[name])
-    by_name = containers(objects(VALUE_SETS[name]))
-    plugin, probe = by_name["csi-vduse"], by_name["livenessprobe"]
-    port = int(flag(probe["args"], "--health-port"))
-    assert port == values["healthPort"]
+    objs = objects(VALUE_SETS[name])
+    plugin = containers(objs)["csi-vduse"]
     ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
     own = int(flag(plugin["args"], "--health-address").rsplit(":", 1)[1])
-    assert own == values["pluginHealthPort"] != port
-    for kind in ("livenessProbe", "startupProbe"):
+    assert own == values["pluginHealthPort"]
+    wanted = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+    for kind, path in wanted.items():
         get = plugin[kind]["httpGet"]
-        assert get["path"] == "/livez"
+        assert get["path"] == path, kind
         assert ports[get["port"]] == own, kind
-    get = plugin["readinessProbe"]["httpGet"]
-    assert get["path"] == "/healthz" and ports[get["port"]] == port
-    registrar = by_name["node-driver-registrar"]
-    registrar_port = int(flag(registrar["args"], "--http-endpoint").rsplit(":", 1)[1])
-    get = registrar["livenessProbe"]["httpGet"]
-    assert {p["name"]: p["containerPort"] for p in registrar["ports"]}[get["port"]] == (
-        registrar_port
-    )
-    assert registrar_port != port
+    # The pod shares the host's network: no two containers may claim one port.
+    claimed = [p["containerPort"] for c in pod_spec(objs)["containers"] for p in c.get("ports", [])]
+    assert len(claimed) == len(set(claimed)), claimed
+
+
+def test_probe_paths_are_what_the_plugin_serves() -> None:
+    """The probes' paths answer on the plugin's real health server (200 when healthy)."""
+    plugin = containers(objects(None))["csi-vduse"]
+    paths = {plugin[kind]["httpGet"]["path"] for kind in
+             ("startupProbe", "livenessProbe", "readinessProbe")}  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = HealthServer(f"127.0.0.1:{port}", lambda: [], lambda: [], CollectorRegistry())
+    server.start()
+    try:
+        for path in sorted(paths):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                assert r.status == 200, path
+    finally:
+        server.stop()
 
 
 # --- sidecars, RBAC, CSIDriver, StorageClasses ---------------------------------------------
@@ -655,10 +700,7 @@ def test_update_strategy_defaults_to_on_delete_with_the_reason() -> None:
     assert "OnDelete" in comment and "re-attach" in comment and "I/O" in comment
 
 
-IMAGES = {
-    "plugin": "csi-vduse", "registrar": "node-driver-registrar", "livenessprobe": "livenessprobe",
-    "provisioner": "csi-provisioner", "resizer": "csi-resizer",
-}  # fmt: skip
+IMAGES = {"plugin": "csi-vduse", "provisioner": "csi-provisioner", "resizer": "csi-resizer"}
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)

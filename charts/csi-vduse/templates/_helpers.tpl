@@ -60,7 +60,7 @@ app.kubernetes.io/component: node
 {{- printf "%s/plugins/%s" .Values.kubeletDir .Values.driverName -}}
 {{- end -}}
 
-{{/* The CSI socket as kubelet sees it (node-driver-registrar's --kubelet-registration-path). */}}
+{{/* The CSI socket as the kubelet sees it (the plugin's --kubelet-endpoint). */}}
 {{- define "csi-vduse.kubeletSocket" -}}
 {{- printf "%s/csi.sock" (include "csi-vduse.socketDir" .) -}}
 {{- end -}}

@@ -1,0 +1,250 @@
+"""A real single-node Kubernetes inside the lab guest: the control plane of controlplane.py,
+containerd with runc and the CNI bridge, and a kubelet, everything on 127.0.0.1.
+
+The guest's root is the host's, read-only: every writable path is under a work dir on the
+scratch disk or in /run. There is no kube-proxy: one DNAT rule sends the `kubernetes`
+service address to the loopback API server, which is all the cluster's pods (the plugin's
+sidecars, in the host network) need of services."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.cluster.build import component_path
+from tests.cluster.controlplane import (
+    CLIENT_EKU,
+    HOST,
+    SERVICE_IP,
+    ControlPlane,
+    ControlPlaneError,
+    free_port,
+    make_cert,
+    write_kubeconfig,
+)
+
+NODE_NAME = "lab-node"
+POD_CIDR = "10.244.0.0/24"
+CONTAINERD_SOCKET = Path("/run/containerd/containerd.sock")
+
+
+def binaries() -> dict[str, Path]:
+    """Every binary the cluster runs, built on the host beforehand (the guest's root is
+    read-only): `python -m tests.cluster.build`."""
+    names = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl",
+             "containerd", "containerd-shim-runc-v2", "ctr", "runc", "helm")  # fmt: skip
+    found = {name: component_path(name) for name in names}
+    found["etcd"] = Path("/usr/bin/etcd")
+    return found
+
+
+@dataclass
+class Node:
+    workdir: Path
+    bins: dict[str, Path] = field(default_factory=binaries)
+    plane: ControlPlane | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    kubelet_port: int = field(default_factory=free_port)
+    kubelet_healthz_port: int = field(default_factory=free_port)
+
+    @property
+    def kubelet_dir(self) -> Path:
+        return self.workdir / "kubelet"
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+    def start(self, timeout: float = 600) -> dict[str, float]:
+        """Brings the cluster up; returns the seconds each stage took."""
+        timings: dict[str, float] = {}
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.plane = ControlPlane(self.workdir / "control-plane", self.bins)
+        started = time.monotonic()
+        timings["control plane"] = self.plane.start(timeout=timeout)
+        self._route_kubernetes_service()
+        mark = time.monotonic()
+        self._start_containerd(time.monotonic() + timeout)
+        timings["containerd"] = time.monotonic() - mark
+        mark = time.monotonic()
+        self._start_kubelet()
+        self.wait_node_ready(time.monotonic() + timeout)
+        timings["kubelet and node ready"] = time.monotonic() - mark
+        timings["cluster"] = time.monotonic() - started
+        return timings
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            proc = self.processes.pop(name)
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.plane is not None:
+            self.plane.stop()
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env=env,
+            )  # fmt: skip
+
+    def check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                log = (self.logs / f"{name}.log").read_text(errors="replace")
+                raise ControlPlaneError(f"{name} exited with {proc.returncode}:\n{log[-3000:]}")
+        if self.plane is not None:
+            self.plane.check_alive()
+
+    def _route_kubernetes_service(self) -> None:
+        assert self.plane is not None
+        subprocess.run(
+            ["iptables", "-t", "nat", "-A", "OUTPUT", "-d", SERVICE_IP, "-p", "tcp",
+             "--dport", "443", "-j", "DNAT", "--to-destination",
+             f"{HOST}:{self.plane.ports.apiserver}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    # containerd
+
+    def _containerd_config(self) -> Path:
+        cni = self.workdir / "cni"
+        (cni / "net.d").mkdir(parents=True, exist_ok=True)
+        (cni / "net.d" / "10-lab.conflist").write_text(json.dumps({
+            "cniVersion": "1.0.0", "name": "lab",
+            "plugins": [
+                {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]],
+                          "dataDir": str(cni / "ipam")}},
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ],
+        }, indent=2))  # fmt: skip
+        runtime = "plugins.'io.containerd.cri.v1.runtime'"
+        config = self.workdir / "containerd.toml"
+        config.write_text(f"""version = 3
+root = '{self.workdir / "containerd"}'
+state = '/run/containerd'
+[grpc]
+  address = '{CONTAINERD_SOCKET}'
+[{runtime}.containerd]
+  default_runtime_name = 'runc'
+[{runtime}.containerd.runtimes.runc]
+  runtime_type = 'io.containerd.runc.v2'
+[{runtime}.containerd.runtimes.runc.options]
+  BinaryName = '{self.bins["runc"]}'
+  SystemdCgroup = false
+[{runtime}.cni]
+  bin_dirs = ['/usr/lib/cni']
+  conf_dir = '{cni / "net.d"}'
+""")
+        return config
+
+    def _start_containerd(self, deadline: float) -> None:
+        config = self._containerd_config()
+        env = dict(os.environ, PATH=f"{self.bins['containerd'].parent}:{os.environ['PATH']}")
+        self._spawn("containerd", [str(self.bins["containerd"]), f"--config={config}"], env)
+        while not CONTAINERD_SOCKET.exists():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise ControlPlaneError("containerd did not open its socket")
+            time.sleep(0.2)
+
+    def ctr(self, *args: str) -> str:
+        result = subprocess.run(
+            [str(self.bins["ctr"]), f"--address={CONTAINERD_SOCKET}", "--namespace=k8s.io",
+             *args], capture_output=True, text=True,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise ControlPlaneError(f"ctr {' '.join(args)}: {result.stderr[-2000:]}")
+        return result.stdout
+
+    def import_image(self, archive: Path) -> None:
+        self.ctr("images", "import", "--all-platforms", str(archive))
+
+    # kubelet
+
+    def _kubelet_config(self) -> Path:
+        assert self.plane is not None
+        pki = self.plane.pki
+        name = f"kubelet-{NODE_NAME}"
+        if not pki.crt(name).exists():
+            make_cert(pki, name, f"/O=system:nodes/CN=system:node:{NODE_NAME}", CLIENT_EKU)
+        write_kubeconfig(self.workdir / "kubelet.kubeconfig", self.plane.server, pki, name)
+        resolv = self.workdir / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\n")
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": HOST,
+            "port": self.kubelet_port,
+            "readOnlyPort": 0,
+            "healthzBindAddress": HOST,
+            "healthzPort": self.kubelet_healthz_port,
+            "authentication": {
+                "x509": {"clientCAFile": str(pki.ca)},
+                "webhook": {"enabled": False},
+                "anonymous": {"enabled": False},
+            },
+            "authorization": {"mode": "AlwaysAllow"},
+            "cgroupDriver": "cgroupfs",
+            "cgroupsPerQOS": False,
+            "enforceNodeAllocatable": [],
+            "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
+            "failSwapOn": False,
+            "podLogsDir": str(self.workdir / "pod-logs"),
+            "resolvConf": str(resolv),
+            "podCIDR": POD_CIDR,
+            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
+                             "imagefs.available": "1%"},
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "serializeImagePulls": False,
+            "registerNode": True,
+        }  # fmt: skip
+        path = self.workdir / "kubelet.json"
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def _start_kubelet(self) -> None:
+        config = self._kubelet_config()
+        self.kubelet_dir.mkdir(parents=True, exist_ok=True)
+        self._spawn("kubelet", [
+            str(self.bins["kubelet"]), f"--config={config}",
+            f"--kubeconfig={self.workdir / 'kubelet.kubeconfig'}",
+            f"--root-dir={self.kubelet_dir}", f"--cert-dir={self.workdir / 'kubelet-pki'}",
+            f"--hostname-override={NODE_NAME}", f"--node-ip={HOST}", "--v=1",
+        ])  # fmt: skip
+
+    def kubectl(self, *args: str, timeout: float = 120) -> str:
+        assert self.plane is not None
+        result = subprocess.run(
+            [str(self.bins["kubectl"]), f"--kubeconfig={self.plane.admin_kubeconfig}", *args],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise ControlPlaneError(f"kubectl {' '.join(args)}: {result.stderr[-2000:]}")
+        return result.stdout
+
+    def wait_node_ready(self, deadline: float) -> None:
+        last = ""
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                node = json.loads(self.kubectl("get", "node", NODE_NAME, "-o", "json"))
+                ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+                if ready and ready[0]["status"] == "True":
+                    return
+                last = ready[0]["message"] if ready else "no Ready condition"
+            except ControlPlaneError as e:
+                last = str(e)
+            time.sleep(1)
+        raise ControlPlaneError(f"node {NODE_NAME} not Ready in time: {last}")
