@@ -5,24 +5,36 @@
 #
 #   docker build -t ghcr.io/csi-vduse/csi-vduse:0.1.0 .
 #
-# Both stages use the same Python (the wheels are built for it). The base image is pinned to
-# an exact release; pin it by digest too (FROM python:...@sha256:...) in a release pipeline.
+# BASE is any Debian bookworm image with Python 3.11, its venv module and apt. The default is
+# the python: image, pinned to an exact release (pin it by digest too, @sha256:..., in a release
+# pipeline); where no registry is reachable, tests/cluster/images.py builds one from Debian
+# packages and passes it as --build-arg BASE=... . Both stages use the same base: the wheels
+# are built for its Python.
+ARG BASE=docker.io/library/python:3.11.14-slim-bookworm
 
 ############################################################################################
 # builder: compiles the cffi extension (the VDUSE ioctls and the C data plane) against the
 # kernel's UAPI headers, generates the gRPC modules from csi.proto (grpcio-tools, a build
 # requirement in pyproject.toml), and collects the wheels of every dependency.
-FROM python:3.11.14-slim-bookworm AS builder
+FROM ${BASE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 # gcc, libc headers and the kernel UAPI headers (<linux/vduse.h>, <linux/vdpa.h>,
-# <linux/virtio_blk.h>): needed to build only, never copied into the runtime stage.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev linux-libc-dev \
+# <linux/virtio_blk.h>): needed to build only, never copied into the runtime stage. Python's
+# own headers come with the python: image; Debian's python3 needs python3-dev for them.
+RUN include=$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))') \
+    && if [ -e "$include/Python.h" ]; then python_dev=; else python_dev=python3-dev; fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev linux-libc-dev $python_dev \
     && rm -rf /var/lib/apt/lists/*
+
+# pip runs from a virtual environment: the same on both bases, and Debian's python3 has no pip
+# and refuses installs into the system (PEP 668).
+RUN python3 -m venv /opt/build
+ENV PATH=/opt/build/bin:$PATH
 
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
@@ -36,8 +48,9 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
 # runtime: the wheels and the tools the plugin runs: mount/umount/blkid (util-linux, mount),
 # mkfs.ext4/resize2fs (e2fsprogs), mkfs.xfs/xfs_growfs (xfsprogs), vdpa (iproute2, optional,
 # for people debugging a node). No compiler, no headers, no pip cache.
-FROM python:3.11.14-slim-bookworm
+FROM ${BASE}
 
+ARG BASE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 
@@ -49,7 +62,7 @@ LABEL org.opencontainers.image.title="csi-vduse" \
       org.opencontainers.image.url="https://github.com/csi-vduse/csi-vduse" \
       org.opencontainers.image.documentation="https://github.com/csi-vduse/csi-vduse#readme" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
+      org.opencontainers.image.base.name="${BASE}"
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -66,9 +79,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # Installed from the builder's wheels through a bind mount, so no wheel stays in a layer; no
-# index is used, so what runs is exactly what the builder resolved.
+# index is used, so what runs is exactly what the builder resolved. Into a virtual environment
+# for the builder's reason; its bin/ comes first on PATH, so `csi-vduse` and `python` are its.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels csi-vduse
+    python3 -m venv /opt/csi-vduse \
+    && /opt/csi-vduse/bin/pip install --no-cache-dir --no-index --find-links=/wheels csi-vduse
+ENV PATH=/opt/csi-vduse/bin:$PATH
 
 # Smoke test: the command runs, the compiled extension and the generated gRPC modules import,
 # and every tool the plugin calls is on PATH.
