@@ -1,12 +1,13 @@
 """Boot the lab guest, run one shell command inside as root, return its exit code and output.
 
-Usage: python -m tests.lab.runner [--timeout S] [--memory MiB] -- COMMAND...
+Usage: python -m tests.lab.runner [--timeout S] [--memory MiB] [--kernel KIND] -- COMMAND...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,7 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab.kernel import REPO, cache_dir, find_kernel
+from tests.lab.kernel import (
+    KINDS,
+    REPO,
+    LabKernel,
+    cache_dir,
+    ensure_backports_source,
+    lab_kernel,
+    os_release,
+)
 
 GUEST_INIT = Path(__file__).resolve().parent / "guest-init.sh"
 GUEST_PACKAGES = {
@@ -27,7 +36,13 @@ GUEST_PACKAGES = {
     "fio": "fio",
     "vdpa": "iproute2",
     "blkid": "util-linux",
+    "modprobe": "kmod",
 }
+# QEMU 10 (bookworm-backports) runs the e2e suite faster than bookworm's 7.2 under TCG.
+QEMU_MAJOR = 10
+QEMU_PACKAGES = [
+    "qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-utils", "qemu-block-extra",
+]  # fmt: skip
 VOLATILE_ROOTS = ("/tmp", "/run")
 ROOT_SHARE_OPTS = "security_model=none,readonly=on,multidevs=remap"
 
@@ -40,14 +55,30 @@ class LabResult:
 
 
 def ensure_host_tools() -> None:
-    """Install the Debian packages the lab and the tests inside it need, if missing."""
+    """Install the Debian packages the lab and the tests inside it need, if missing, and on
+    Debian QEMU 10 from backports unless CSI_VDUSE_LAB_QEMU is set: to `system` (keep the
+    installed QEMU) or to the path of a qemu-system-x86_64 to run instead."""
     missing = sorted({pkg for tool, pkg in GUEST_PACKAGES.items() if not _which(tool)})
-    if not missing:
+    keep = bool(os.environ.get("CSI_VDUSE_LAB_QEMU")) or os_release().get("ID") != "debian"
+    qemu = [] if keep or _qemu_major() >= QEMU_MAJOR else QEMU_PACKAGES
+    if not missing and not qemu:
         return
-    print(f"lab: installing {' '.join(missing)}", flush=True)
+    suite = ensure_backports_source() if qemu else ""
+    print(f"lab: installing {' '.join(missing + qemu)}", flush=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+    if missing := [m for m in missing if m not in qemu]:
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+    if qemu:  # all of them from one suite: QEMU aborts on modules of another build
+        install = ["apt-get", "install", "-y", "-qq", "-t", suite, *qemu]
+        subprocess.run(install, check=True, env=env)
+
+
+def _qemu_major() -> int:
+    qemu = _which("qemu-system-x86_64")
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout if qemu else ""
+    found = re.search(r"version (\d+)\.", out)
+    return int(found.group(1)) if found else 0
 
 
 def _which(tool: str) -> str | None:
@@ -64,7 +95,7 @@ def _keep_paths(paths: list[str]) -> list[str]:
     return sorted(set(keep))
 
 
-def _env_script(cwd: str, extra_env: dict[str, str]) -> str:
+def _env_script(cwd: str, extra_env: dict[str, str], lab: LabKernel) -> str:
     python_dir = str(Path(sys.executable).parent)
     path = f"{python_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     keep = _keep_paths([str(REPO), cwd, sys.prefix, sys.base_prefix, python_dir])
@@ -75,6 +106,8 @@ def _env_script(cwd: str, extra_env: dict[str, str]) -> str:
         "LAB_CWD": cwd,
         "LAB_KEEP": " ".join(keep),
         "LAB_SCRATCH": "/run/scratch",
+        "LAB_MODULES": str(lab.modules or ""),
+        "LAB_LOAD_MODULES": " ".join(lab.load),
         "CSI_VDUSE_IN_LAB": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
@@ -92,11 +125,14 @@ def run(
     cwd: str | None = None,
     extra_env: dict[str, str] | None = None,
     stream: bool = True,
+    kernel: str | None = None,
 ) -> LabResult:
-    """Run `command` (a shell command line) in a fresh lab guest."""
+    """Run `command` (a shell command line) in a fresh lab guest booting the kernel of kind
+    `kernel` (see tests.lab.kernel.lab_kernel)."""
     ensure_host_tools()
-    kernel = find_kernel()
-    qemu = _which("qemu-system-x86_64")
+    lab = lab_kernel(kernel)
+    choice = os.environ.get("CSI_VDUSE_LAB_QEMU", "")
+    qemu = choice if "/" in choice else _which("qemu-system-x86_64")
     if qemu is None:
         raise RuntimeError("qemu-system-x86_64 is missing after install")
     workroot = cache_dir() / "runs"
@@ -105,7 +141,7 @@ def run(
         work = Path(tmp)
         share = work / "share"
         share.mkdir()
-        (share / "env.sh").write_text(_env_script(cwd or os.getcwd(), extra_env or {}))
+        (share / "env.sh").write_text(_env_script(cwd or os.getcwd(), extra_env or {}, lab))
         (share / "command.sh").write_text(command + "\n")
         output = share / "output.log"
         output.touch()
@@ -128,7 +164,8 @@ def run(
             "-smp", str(os.environ.get("CSI_VDUSE_LAB_CPUS", "2")), "-m", str(memory_mib),
             "-display", "none", "-monitor", "none", "-no-reboot",
             "-serial", f"file:{console}",
-            "-kernel", str(kernel), "-append", cmdline,
+            "-kernel", str(lab.image), "-append", cmdline,
+            *(["-initrd", str(lab.initrd)] if lab.initrd else []),
             "-virtfs", f"local,path=/,mount_tag=rootfs,{ROOT_SHARE_OPTS}",
             "-virtfs", f"local,path={share},mount_tag=labshare,security_model=none",
             "-device", "virtio-scsi-pci,id=scsi0",
@@ -185,12 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.lab.runner", description=__doc__)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--memory", type=int, default=4096, help="guest memory in MiB")
+    parser.add_argument(
+        "--kernel",
+        choices=KINDS,
+        help="default: $CSI_VDUSE_LAB_KERNEL_KIND, else shared61 if built, else debian612",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     words = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not words:
         parser.error("give a command to run inside the lab")
-    result = run(shlex.join(words), timeout=args.timeout, memory_mib=args.memory)
+    result = run(
+        shlex.join(words), timeout=args.timeout, memory_mib=args.memory, kernel=args.kernel
+    )
     return result.returncode
 
 
