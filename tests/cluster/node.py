@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +27,20 @@ from tests.cluster.controlplane import (
     make_cert,
     write_kubeconfig,
 )
+from tests.cluster.images import image_reference
 
 NODE_NAME = "lab-node"
 POD_CIDR = "10.244.0.0/24"
 CONTAINERD_SOCKET = Path("/run/containerd/containerd.sock")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+KUBELET_DIR = Path("/var/lib/kubelet")
+
+
+def _delegate_cgroup_controllers() -> None:
+    """Enable the root cgroup's controllers for its children, as systemd does on a host:
+    runc puts each container's limits in a child cgroup."""
+    available = (CGROUP_ROOT / "cgroup.controllers").read_text().split()
+    (CGROUP_ROOT / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in available))
 
 
 def binaries() -> dict[str, Path]:
@@ -45,6 +56,7 @@ def binaries() -> dict[str, Path]:
 @dataclass
 class Node:
     workdir: Path
+    images: dict[str, Path]  # name -> OCI archive (tests.cluster.images), imported at start
     bins: dict[str, Path] = field(default_factory=binaries)
     plane: ControlPlane | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -53,29 +65,41 @@ class Node:
 
     @property
     def kubelet_dir(self) -> Path:
-        return self.workdir / "kubelet"
+        """kubelet's default root: a few of its paths ignore --root-dir (the device plugin
+        checkpoints, pod-resources), and the chart's default kubeletDir then fits as is."""
+        return KUBELET_DIR
 
     @property
     def logs(self) -> Path:
         return self.workdir / "logs"
 
     def start(self, timeout: float = 600) -> dict[str, float]:
-        """Brings the cluster up; returns the seconds each stage took."""
+        """Brings the cluster up; returns the seconds each stage took. containerd imports the
+        images while the control plane starts."""
         timings: dict[str, float] = {}
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.plane = ControlPlane(self.workdir / "control-plane", self.bins)
+        _delegate_cgroup_controllers()
         started = time.monotonic()
+        self._start_containerd(started + timeout)
+        imports = ThreadPoolExecutor(1)
+        imported = imports.submit(self._import_images)
+        self.plane = ControlPlane(self.workdir / "control-plane", self.bins)
         timings["control plane"] = self.plane.start(timeout=timeout)
         self._route_kubernetes_service()
-        mark = time.monotonic()
-        self._start_containerd(time.monotonic() + timeout)
-        timings["containerd"] = time.monotonic() - mark
+        timings["containerd and image import"] = imported.result(timeout)
+        imports.shutdown()
         mark = time.monotonic()
         self._start_kubelet()
         self.wait_node_ready(time.monotonic() + timeout)
         timings["kubelet and node ready"] = time.monotonic() - mark
         timings["cluster"] = time.monotonic() - started
         return timings
+
+    def _import_images(self) -> float:
+        started = time.monotonic()
+        for archive in self.images.values():
+            self.import_image(archive)
+        return time.monotonic() - started
 
     def stop(self) -> None:
         for name in reversed(list(self.processes)):
@@ -142,6 +166,8 @@ state = '/run/containerd'
 [{runtime}.containerd.runtimes.runc.options]
   BinaryName = '{self.bins["runc"]}'
   SystemdCgroup = false
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = '{image_reference(self.images["pause"])}'
 [{runtime}.cni]
   bin_dirs = ['/usr/lib/cni']
   conf_dir = '{cni / "net.d"}'
@@ -216,7 +242,12 @@ state = '/run/containerd'
 
     def _start_kubelet(self) -> None:
         config = self._kubelet_config()
-        self.kubelet_dir.mkdir(parents=True, exist_ok=True)
+        if not os.path.ismount(KUBELET_DIR):  # the guest's root is read-only
+            if not KUBELET_DIR.is_dir():
+                raise ControlPlaneError(f"{KUBELET_DIR} is missing: tests.cluster.prepare makes it")
+            (self.workdir / "kubelet").mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "--bind", str(self.workdir / "kubelet"), str(KUBELET_DIR)],
+                           check=True)  # fmt: skip
         self._spawn("kubelet", [
             str(self.bins["kubelet"]), f"--config={config}",
             f"--kubeconfig={self.workdir / 'kubelet.kubeconfig'}",

@@ -1,0 +1,53 @@
+"""The Kubernetes suite runs inside the lab on a kernel that can run containers (Debian's
+6.12): one real cluster for the whole session, torn down at its end. Each test is a step a
+user takes, in file order, and records how long it took."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.node import Node
+from tests.cluster.prepare import lab_images
+
+TIMINGS: dict[str, float] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if (
+        os.environ.get("CSI_VDUSE_IN_LAB") != "1"
+        or not Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    ):
+        raise pytest.UsageError(
+            "the Kubernetes tests need the lab with a container-capable kernel: "
+            "python -m tests.lab.runner --kernel debian612 -- python -m pytest tests/kubernetes"
+        )
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Node]:
+    images = lab_images()
+    images.pop("python-base")  # the plugin image's base, nothing runs it
+    node = Node(Path(os.environ.get("LAB_SCRATCH", "/run/scratch")) / "cluster", images)
+    try:
+        TIMINGS.update(node.start())
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(autouse=True)
+def timed(request: pytest.FixtureRequest) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    TIMINGS[request.node.name] = time.monotonic() - started
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_sep("-", "seconds per step under software emulation")
+    for name, seconds in TIMINGS.items():
+        terminalreporter.write_line(f"{seconds:8.1f}  {name}")
