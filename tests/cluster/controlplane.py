@@ -269,6 +269,7 @@ class ControlPlane:
             f"--client-ca-file={p.ca}",
             f"--kubelet-client-certificate={p.crt('apiserver-kubelet-client')}",
             f"--kubelet-client-key={p.key('apiserver-kubelet-client')}",
+            "--kubelet-preferred-address-types=InternalIP",  # no DNS resolves node names here
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-account-key-file={p.sa_pub}",
             f"--service-account-signing-key-file={p.sa_key}",

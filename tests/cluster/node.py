@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from tests.cluster.build import component_path
 from tests.cluster.controlplane import (
     CLIENT_EKU,
     HOST,
+    SERVICE_CIDR,
     SERVICE_IP,
     ControlPlane,
     ControlPlaneError,
@@ -31,9 +33,25 @@ from tests.cluster.images import image_reference
 
 NODE_NAME = "lab-node"
 POD_CIDR = "10.244.0.0/24"
+NODE_LINK = "lab0"
+NODE_IP = "10.200.0.1"  # on NODE_LINK; nothing listens there, see _route_kubernetes_service
 CONTAINERD_SOCKET = Path("/run/containerd/containerd.sock")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 KUBELET_DIR = Path("/var/lib/kubelet")
+
+
+def _prepare_host(workdir: Path) -> None:
+    """What an installed host has and the lab guest lacks: a host name (the API server names
+    its identity lease after it; the guest's is "(none)"), and a writable /var/lib and
+    /var/log (on the read-only root of the guest): kubelet, containerd and the CNI plugins
+    keep state at fixed paths there whatever their configuration says (device plugin
+    checkpoints, /var/lib/cni, /var/log/containers)."""
+    socket.sethostname(NODE_NAME)
+    for path in (Path("/var/lib"), Path("/var/log")):
+        if not os.access(path, os.W_OK):
+            writable = workdir / "host" / path.name
+            writable.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "--bind", str(writable), str(path)], check=True)
 
 
 def _delegate_cgroup_controllers() -> None:
@@ -79,6 +97,7 @@ class Node:
         timings: dict[str, float] = {}
         self.logs.mkdir(parents=True, exist_ok=True)
         _delegate_cgroup_controllers()
+        _prepare_host(self.workdir)
         started = time.monotonic()
         self._start_containerd(started + timeout)
         imports = ThreadPoolExecutor(1)
@@ -124,19 +143,38 @@ class Node:
     def check_alive(self) -> None:
         for name, proc in self.processes.items():
             if proc.poll() is not None:
-                log = (self.logs / f"{name}.log").read_text(errors="replace")
-                raise ControlPlaneError(f"{name} exited with {proc.returncode}:\n{log[-3000:]}")
+                lines = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()
+                # klog's error and fatal lines say why; the last lines say where it was
+                errors = [line[:600] for line in lines if line[:1] in "EF"][-15:]
+                tail = [line[:600] for line in lines[-10:]]
+                raise ControlPlaneError(
+                    f"{name} exited with {proc.returncode}:\n" + "\n".join([*errors, "...", *tail])
+                )
         if self.plane is not None:
             self.plane.check_alive()
 
     def _route_kubernetes_service(self) -> None:
+        """kubelet refuses a loopback node IP, and the cluster's clients dial the node's IP
+        (the API server, for logs and exec) and the `kubernetes` service IP (the sidecars).
+        Both are routed to a dummy interface of this guest (it has no network device) and
+        DNAT'd to the loopback, where everything listens."""
         assert self.plane is not None
-        subprocess.run(
-            ["iptables", "-t", "nat", "-A", "OUTPUT", "-d", SERVICE_IP, "-p", "tcp",
-             "--dport", "443", "-j", "DNAT", "--to-destination",
-             f"{HOST}:{self.plane.ports.apiserver}"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        for cmd in (
+            ["ip", "link", "add", NODE_LINK, "type", "dummy"],
+            ["ip", "addr", "add", f"{NODE_IP}/32", "dev", NODE_LINK],
+            ["ip", "link", "set", NODE_LINK, "up"],
+            ["ip", "route", "add", SERVICE_CIDR, "dev", NODE_LINK, "src", NODE_IP],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True)
+        for address, port, target in (
+            (SERVICE_IP, 443, self.plane.ports.apiserver),
+            (NODE_IP, self.kubelet_port, self.kubelet_port),
+        ):
+            subprocess.run(
+                ["iptables", "-t", "nat", "-A", "OUTPUT", "-d", address, "-p", "tcp",
+                 "--dport", str(port), "-j", "DNAT", "--to-destination", f"{HOST}:{target}"],
+                check=True, capture_output=True,
+            )  # fmt: skip
 
     # containerd
 
@@ -242,17 +280,12 @@ state = '/run/containerd'
 
     def _start_kubelet(self) -> None:
         config = self._kubelet_config()
-        if not os.path.ismount(KUBELET_DIR):  # the guest's root is read-only
-            if not KUBELET_DIR.is_dir():
-                raise ControlPlaneError(f"{KUBELET_DIR} is missing: tests.cluster.prepare makes it")
-            (self.workdir / "kubelet").mkdir(parents=True, exist_ok=True)
-            subprocess.run(["mount", "--bind", str(self.workdir / "kubelet"), str(KUBELET_DIR)],
-                           check=True)  # fmt: skip
+        KUBELET_DIR.mkdir(exist_ok=True)
         self._spawn("kubelet", [
             str(self.bins["kubelet"]), f"--config={config}",
             f"--kubeconfig={self.workdir / 'kubelet.kubeconfig'}",
             f"--root-dir={self.kubelet_dir}", f"--cert-dir={self.workdir / 'kubelet-pki'}",
-            f"--hostname-override={NODE_NAME}", f"--node-ip={HOST}", "--v=1",
+            f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}", "--v=1",
         ])  # fmt: skip
 
     def kubectl(self, *args: str, timeout: float = 120) -> str:

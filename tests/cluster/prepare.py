@@ -11,16 +11,12 @@ from pathlib import Path
 
 from tests.cluster.build import ensure_components
 from tests.cluster.images import ensure_images
-from tests.cluster.node import KUBELET_DIR
 
 IMAGES_ENV = "CSI_VDUSE_CLUSTER_IMAGES"
 
 
 def prepare() -> dict[str, str]:
     """Builds what is missing; the environment the guest's tests need."""
-    # The guest binds a scratch directory over kubelet's default root; on the read-only root
-    # it shares with the host, the mount point has to exist already (an empty directory).
-    KUBELET_DIR.mkdir(parents=True, exist_ok=True)
     ensure_components()
     images = {name: str(path) for name, path in ensure_images().items()}
     return {IMAGES_ENV: json.dumps(images)}

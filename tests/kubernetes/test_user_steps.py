@@ -139,9 +139,12 @@ def test_2_filesystem_claim_keeps_its_data_across_pods(k8s: Cluster) -> None:
     wait("the claim to bind", lambda: k8s.core.read_namespaced_persistent_volume_claim(
         "vduse-fs", "default").status.phase == "Bound")  # fmt: skip
     wait("the writer to run", lambda: k8s.pod_phase("vduse-fs-writer") == "Running")
-    lines = wait("two lines written", lambda: [
-        line for line in k8s.exec("vduse-fs-writer", "cat /data/log").splitlines() if line
-    ][1:])  # fmt: skip
+
+    def written() -> list[str]:
+        lines = [line for line in k8s.exec("vduse-fs-writer", "cat /data/log").splitlines() if line]
+        return lines if len(lines) >= 2 else []
+
+    lines = wait("two lines written", written)
     k8s.core.delete_namespaced_pod("vduse-fs-writer", "default")
     wait("the writer to go", lambda: "vduse-fs-writer" not in [
         p.metadata.name for p in k8s.core.list_namespaced_pod("default").items])  # fmt: skip

@@ -162,7 +162,7 @@ def run(
         argv = [
             qemu, "-machine", "q35", "-accel", accel, "-cpu", "max",
             "-smp", str(os.environ.get("CSI_VDUSE_LAB_CPUS", "2")), "-m", str(memory_mib),
-            "-display", "none", "-monitor", "none", "-no-reboot",
+            "-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none",
             "-serial", f"file:{console}",
             "-kernel", str(lab.image), "-append", cmdline,
             *(["-initrd", str(lab.initrd)] if lab.initrd else []),
