@@ -126,24 +126,22 @@ class Attachment:
         """Stops serving and lets go of the device, which stays in the kernel (with its
         /dev/vdX and whatever is mounted on it) for the next process to re-attach. Every
         worker ends between two batches: nothing is half done."""
+        self._stop_serving()
+        self._created = self._added = False
+
+    def _stop_serving(self) -> None:
         if self._server is not None:
             self._server.stop()
             self._server = None
         if self._device is not None:
             self._device.close()
             self._device = None
-        self._created = self._added = False
 
     def _teardown(self) -> None:
         if self._added:
             VdpaClient().delete(self.name)
             self._added = False
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-        if self._device is not None:
-            self._device.close()
-            self._device = None
+        self._stop_serving()
         if self._created:
             with VduseControl() as control:
                 control.destroy(self.name)

@@ -7,8 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from csi_vduse.lifecycle import mounts
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.volumes import VolumeRecord, VolumeStore, volume_id_for
 from tests.csi_client import MiB, Plugin, block_cap, code_of, error_of, mount_cap
+from tests.unit.http import get
 
 C = grpc.StatusCode
 GiB = 1 << 30
@@ -231,14 +230,6 @@ def test_mkfs_is_never_forced(tmp_path: Path) -> None:
 
 
 # liveness is the process, readiness is the host
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_liveness_does_not_depend_on_the_host(tmp_path: Path) -> None:

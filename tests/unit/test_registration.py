@@ -8,8 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +21,7 @@ from csi_vduse.csi.proto import csi_pb2_grpc as csi_rpc
 from csi_vduse.csi.proto import pluginregistration_pb2 as pb
 from csi_vduse.csi.proto import pluginregistration_pb2_grpc as rpc_pb
 from tests.csi_client import Plugin, code_of
+from tests.unit.http import get
 
 DRIVER = "vduse.csi.dev"
 KUBELET_ENDPOINT = f"/var/lib/kubelet/plugins/{DRIVER}/csi.sock"
@@ -54,14 +53,6 @@ def kubelet(path: Path) -> Iterator[rpc_pb.RegistrationStub]:
     with grpc.insecure_channel(f"unix://{path}") as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         yield rpc_pb.RegistrationStub(channel)
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def serve(
