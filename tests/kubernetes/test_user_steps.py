@@ -269,11 +269,18 @@ def test_7_deleting_claims_removes_volumes_and_uninstall_leaves_nothing(k8s: Clu
     wait("every volume to be deleted", lambda: not k8s.core.list_persistent_volume().items)
     images = k8s.node.workdir / "csi-vduse-data" / "volumes"
     wait("every image to be gone", lambda: not list(images.glob("*.img")))
-    k8s.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait")
-    left = [
-        *k8s.plugin_pods(),
-        *[d for d in k8s.storage.list_csi_driver().items if d.metadata.name == DRIVER],
-        *[s for s in k8s.storage.list_storage_class().items if s.provisioner == DRIVER],
-        *k8s.storage.list_namespaced_csi_storage_capacity(NAMESPACE).items,
-    ]
-    assert not left
+    k8s.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--cascade=foreground", "--wait")
+
+    def left() -> list[str]:
+        return [
+            *(f"pod/{p.metadata.name}" for p in k8s.plugin_pods()),
+            *(f"csidriver/{d.metadata.name}" for d in k8s.storage.list_csi_driver().items
+              if d.metadata.name == DRIVER),
+            *(f"storageclass/{s.metadata.name}" for s in k8s.storage.list_storage_class().items
+              if s.provisioner == DRIVER),
+            *(f"csistoragecapacity/{c.metadata.name}"
+              for c in k8s.storage.list_namespaced_csi_storage_capacity(NAMESPACE).items),
+        ]  # fmt: skip
+
+    # foreground cascade: helm returns once the DaemonSet's pods are gone, not merely doomed
+    assert not left()

@@ -6,10 +6,12 @@ Usage: python -m tests.lab.runner [--timeout S] [--memory MiB] [--kernel KIND] -
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -172,21 +174,28 @@ def run(
             "-drive", f"if=none,id=scratch,file={scratch},format=raw,cache=unsafe,discard=unmap",
             "-device", "scsi-hd,drive=scratch,bus=scsi0.0",
         ]  # fmt: skip
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        qemu_log = work / "qemu.log"
+        with open(qemu_log, "wb") as qemu_out_file:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=qemu_out_file, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         printed = 0
         timed_out = False
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.5)
+                if stream:
+                    printed = _stream_new(output, printed)
+        finally:  # a timeout, Ctrl-C or SIGTERM of the runner never leaves the VM behind
+            if proc.poll() is None:
                 proc.kill()
-                timed_out = True
-                break
-            time.sleep(0.5)
-            if stream:
-                printed = _stream_new(output, printed)
-        proc.wait()
-        qemu_out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            proc.wait()
+        qemu_out = qemu_log.read_text(errors="replace")
         if stream:
             _stream_new(output, printed)
         text = output.read_text(errors="replace")
@@ -206,6 +215,12 @@ def run(
             if stream:
                 print(text[len(text) - len(tail) - len(qemu_out) - 60 :], flush=True)
         return LabResult(rc, text, console_text)
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: the kernel kills it when the runner dies, even by SIGKILL."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _stream_new(path: Path, printed: int) -> int:
@@ -229,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     words = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not words:
         parser.error("give a command to run inside the lab")
