@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
 import time
 
 from tests.cluster.prepare import prepare
-from tests.lab.runner import run
+from tests.lab.runner import exit_on_sigterm, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--memory", type=int, default=8192, help="guest memory in MiB")
     args, pytest_args = parser.parse_known_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
     started = time.monotonic()
     env = prepare()
     print(f"cluster: components and images ready in {time.monotonic() - started:.0f} s", flush=True)

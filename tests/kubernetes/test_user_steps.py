@@ -271,16 +271,14 @@ def test_7_deleting_claims_removes_volumes_and_uninstall_leaves_nothing(k8s: Clu
     wait("every image to be gone", lambda: not list(images.glob("*.img")))
     k8s.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--cascade=foreground", "--wait")
 
-    def left() -> list[str]:
-        return [
-            *(f"pod/{p.metadata.name}" for p in k8s.plugin_pods()),
-            *(f"csidriver/{d.metadata.name}" for d in k8s.storage.list_csi_driver().items
-              if d.metadata.name == DRIVER),
-            *(f"storageclass/{s.metadata.name}" for s in k8s.storage.list_storage_class().items
-              if s.provisioner == DRIVER),
-            *(f"csistoragecapacity/{c.metadata.name}"
-              for c in k8s.storage.list_namespaced_csi_storage_capacity(NAMESPACE).items),
-        ]  # fmt: skip
-
     # foreground cascade: helm returns once the DaemonSet's pods are gone, not merely doomed
-    assert not left()
+    left = [
+        *(f"pod/{p.metadata.name}" for p in k8s.plugin_pods()),
+        *(f"csidriver/{d.metadata.name}" for d in k8s.storage.list_csi_driver().items
+          if d.metadata.name == DRIVER),
+        *(f"storageclass/{s.metadata.name}" for s in k8s.storage.list_storage_class().items
+          if s.provisioner == DRIVER),
+        *(f"csistoragecapacity/{c.metadata.name}"
+          for c in k8s.storage.list_namespaced_csi_storage_capacity(NAMESPACE).items),
+    ]  # fmt: skip
+    assert not left

@@ -217,6 +217,11 @@ def run(
         return LabResult(rc, text, console_text)
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so run()'s cleanup kills the VM."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def _die_with_parent() -> None:
     """In the QEMU child: the kernel kills it when the runner dies, even by SIGKILL."""
     pr_set_pdeathsig = 1
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
     words = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not words:
         parser.error("give a command to run inside the lab")
