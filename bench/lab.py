@@ -51,7 +51,7 @@ class Served:
 
 def _wait_device(name: str) -> Path:
     sysfs.bind(name, sysfs.VIRTIO_VDPA)
-    return sysfs.wait_block_device(name)
+    return sysfs.wait_device(name, sysfs.VIRTIO_VDPA)
 
 
 # Data-plane levers, each measured against the defaults in the same run (--levers).

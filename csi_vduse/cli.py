@@ -8,6 +8,7 @@ import sys
 from pydantic import ValidationError
 
 from csi_vduse import __version__, logs
+from csi_vduse.kernel import sysfs
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--queues", type=int, default=1, help="number of virtqueues")
     export.add_argument("--queue-size", type=int, default=256, help="descriptors per queue")
     export.add_argument("--readonly", action="store_true")
+    export.add_argument(
+        "--attach", default="virtio-vdpa", choices=sorted(sysfs.ATTACH_DRIVERS),
+        help="virtio-vdpa: a host block device /dev/vdX (default); vhost-vdpa: a character "
+        "device /dev/vhost-vdpa-N for a VMM (QEMU: -device vhost-vdpa-device-pci,vhostdev=PATH)",
+    )  # fmt: skip
 
     sub.add_parser("doctor", help="check whether this host can serve VDUSE devices")
 
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from csi_vduse.lifecycle.export import ExportOptions, run_export
 
-            fields = ("file", "name", "size", "queues", "queue_size", "readonly")
+            fields = ("file", "name", "size", "queues", "queue_size", "readonly", "attach")
             opts = ExportOptions.model_validate({f: getattr(args, f) for f in fields})
             return run_export(opts)
         if args.command == "doctor":

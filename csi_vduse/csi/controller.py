@@ -13,7 +13,7 @@ from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.errors import Aborted, InvalidArgument, ResourceExhausted
 from csi_vduse.lifecycle.node import NodeVolumes
-from csi_vduse.lifecycle.provisioning import Provisioner, parse_parameters
+from csi_vduse.lifecycle.provisioning import Provisioner, fit_reason, parse_parameters
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.volumes import VolumeRecord
 
@@ -71,7 +71,11 @@ class ControllerService(rpc_pb.ControllerServicer):
 
     @rpc
     def CreateVolume(self, request: Any, context: Any) -> pb.CreateVolumeResponse:
-        capabilities.parse_all(request.volume_capabilities)
+        accesses = capabilities.parse_all(request.volume_capabilities)
+        params = parse_parameters(dict(request.parameters))
+        for access in accesses:
+            if reason := fit_reason(params, access.block):
+                raise InvalidArgument(reason)
         if request.HasField("volume_content_source"):
             raise InvalidArgument(
                 "creating a volume from a snapshot or another volume is not supported yet"
@@ -106,7 +110,9 @@ class ControllerService(rpc_pb.ControllerServicer):
                 message="the parameters differ from the volume's"
             )
         for cap in request.volume_capabilities:
-            reason = capabilities.unsupported(cap)
+            reason = capabilities.unsupported(cap) or fit_reason(
+                record.params, cap.WhichOneof("access_type") == "block"
+            )
             if reason:
                 return pb.ValidateVolumeCapabilitiesResponse(message=reason)
         confirmed = pb.ValidateVolumeCapabilitiesResponse.Confirmed(

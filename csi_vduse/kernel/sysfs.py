@@ -10,6 +10,8 @@ from pathlib import Path
 VDPA_BUS = Path("/sys/bus/vdpa")
 VIRTIO_VDPA = "virtio_vdpa"
 VHOST_VDPA = "vhost_vdpa"
+# What users write (`--attach`, the StorageClass parameter `attach`) and the driver it means.
+ATTACH_DRIVERS = {"virtio-vdpa": VIRTIO_VDPA, "vhost-vdpa": VHOST_VDPA}
 
 
 class SysfsError(RuntimeError):
@@ -49,17 +51,33 @@ def block_device_name(name: str) -> str | None:
     return None
 
 
-def wait_block_device(name: str, timeout: float = 10.0) -> Path:
+def vhost_device_name(name: str) -> str | None:
+    """The vhost-vdpa-N name of a vdpa device bound to vhost_vdpa, if it has one yet."""
+    for node in sorted(vdpa_device_dir(name).glob("vhost-vdpa-*")):
+        return node.name
+    return None
+
+
+def wait_device(name: str, driver: str, timeout: float = 10.0) -> Path:
+    """The device node the driver made for vdpa device `name`: /dev/vdX (a block device)
+    for virtio_vdpa, /dev/vhost-vdpa-N (a character device) for vhost_vdpa."""
+    find, kind = (
+        (vhost_device_name, stat.S_ISCHR)
+        if driver == VHOST_VDPA
+        else (block_device_name, stat.S_ISBLK)
+    )
     deadline = time.monotonic() + timeout
     while True:
-        block = block_device_name(name)
-        if block is not None:
-            path = Path("/dev") / block
+        found = find(name)
+        if found is not None:
+            path = Path("/dev") / found
             try:
-                if stat.S_ISBLK(path.stat().st_mode):
+                if kind(path.stat().st_mode):
                     return path
             except FileNotFoundError:
                 pass
         if time.monotonic() > deadline:
-            raise SysfsError(f"vdpa device {name} has no block device after {timeout:.0f}s")
+            raise SysfsError(
+                f"vdpa device {name} has no device node from {driver} after {timeout:.0f}s"
+            )
         time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""A backend served as a host block device: VDUSE device, data plane, vdpa bus, driver.
+"""A backend served as a VDUSE device on the vdpa bus, bound to virtio_vdpa (a host block
+device) or vhost_vdpa (a character device a VMM drives): VDUSE device, data plane, driver.
 
 Start-up order matters: the kernel talks to the device while `vdpa dev add` is still
 running (the virtio-blk probe), so the message loop is served before the add.
@@ -73,7 +74,7 @@ class Attachment:
             vdpa.add(self.name)
             self._added = True
             sysfs.bind(self.name, self.driver)
-            self.device_path = sysfs.wait_block_device(self.name)
+            self.device_path = sysfs.wait_device(self.name, self.driver)
         except BaseException:
             self._teardown()
             raise
@@ -82,7 +83,8 @@ class Attachment:
 
     def reattach(self) -> Path:
         """Serves a device left by a previous process (it died or was upgraded): the
-        kernel kept the device, the vdpa device and /dev/vdX; in-flight requests resume."""
+        kernel kept the device, the vdpa device and its device node; in-flight requests
+        resume."""
         vdpa = VdpaClient()
         self._created = True
         try:
@@ -97,7 +99,7 @@ class Attachment:
                 vdpa.add(self.name)
             self._added = True
             sysfs.bind(self.name, self.driver)
-            self.device_path = sysfs.wait_block_device(self.name)
+            self.device_path = sysfs.wait_device(self.name, self.driver)
         except BaseException:
             # Not ours to remove on a failed re-attach: only let go of it.
             self._created = self._added = False

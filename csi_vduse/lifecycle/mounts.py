@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,15 +179,23 @@ def grow_fs(device: Path, mountpoint: Path, fs_type: str) -> None:
 
 
 def openers(device: Path) -> list[str]:
-    """Processes holding `device` open (needs the host PID namespace to see them all)."""
-    real = os.path.realpath(device)
+    """Processes holding `device` open, by whatever path (a node in a container's volume
+    names the same device). Needs the host PID namespace to see them all."""
+    want = os.stat(device)
+    kind = stat.S_IFMT(want.st_mode)
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
             for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) == real:
+                try:  # sockets, pipes and anonymous inodes have no path: never a device
+                    st = os.stat(fd) if os.readlink(fd).startswith("/") else None
+                except OSError:
+                    continue
+                if st is None:
+                    continue
+                if st.st_rdev == want.st_rdev and stat.S_IFMT(st.st_mode) == kind:
                     comm = (proc / "comm").read_text().strip()
                     found.append(f"{comm} (pid {proc.name})")
                     break

@@ -21,13 +21,14 @@ from csi_vduse.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from csi_vduse.kernel import sysfs
 from csi_vduse.kernel.vduse import DEVICE_DIR
-from csi_vduse.lifecycle import mounts
+from csi_vduse.lifecycle import mounts, vhost_nodes
 from csi_vduse.lifecycle.access import VolumeAccess
 from csi_vduse.lifecycle.attachment import Attachment
 from csi_vduse.lifecycle.capacity import pick_capacity
 from csi_vduse.lifecycle.locks import VolumeLocks
-from csi_vduse.lifecycle.provisioning import volume_id_or_raise
+from csi_vduse.lifecycle.provisioning import fit_reason, volume_id_or_raise
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.staging import StageRecord, StagingStore
 from csi_vduse.state.volumes import VolumeRecord, VolumeStore, check_volume_id
@@ -44,6 +45,11 @@ class Attached:
     def device(self) -> Path:
         assert self.attachment.device_path is not None
         return self.attachment.device_path
+
+    @property
+    def vhost(self) -> bool:
+        """A character device for a VMM (see vhost_nodes), not a host block device."""
+        return self.attachment.driver == sysfs.VHOST_VDPA
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,8 @@ class NodeVolumes:
             record = self._record(volume_id)
             if not target.is_dir():
                 raise InvalidArgument(f"staging_target_path {target} is not an existing directory")
+            if reason := fit_reason(record.params, access.block):
+                raise InvalidArgument(reason)
             staged = self._staged(volume_id)
             wanted = StageRecord(
                 volume_id=volume_id, staging_path=str(target), access_type=access.access_type,
@@ -140,7 +148,9 @@ class NodeVolumes:
                 attached = self._attach(record, access.readonly)
                 wanted.device = str(attached.device)
                 self.staging.put(wanted)
-                if not access.block:
+                if attached.vhost:
+                    vhost_nodes.stage(attached.device, target)
+                elif not access.block:
                     self._mount_fs(record, attached.device, target, access)
             except BaseException:
                 if staged is None:
@@ -183,8 +193,9 @@ class NodeVolumes:
             serial=record.volume_id[-20:],
         )  # fmt: skip
         attachment = Attachment(
-            record.volume_id, backend, params, log_path=self.log_dir / f"{record.volume_id}.log"
-        )
+            record.volume_id, backend, params, sysfs.ATTACH_DRIVERS[record.params.attach],
+            log_path=self.log_dir / f"{record.volume_id}.log",
+        )  # fmt: skip
         try:
             if resume:
                 attachment.reattach()
@@ -272,13 +283,18 @@ class NodeVolumes:
             if attached is not None:
                 device = attached.device
                 reasons = mounts.users(device, frozenset({os.path.realpath(target)}))
+                if attached.vhost:
+                    reasons += vhost_nodes.publications(target)
                 if reasons:
                     raise FailedPrecondition(
                         f"{device} of volume {volume_id} is still in use "
                         f"({'; '.join(reasons)}); unpublish or close it, then retry"
                     )
-                entry = mounts.mount_at(target)
-                if entry is not None and entry.major_minor == mounts.device_number(device):
+                if attached.vhost:
+                    vhost_nodes.unstage(target)
+                elif (entry := mounts.mount_at(target)) is not None and (
+                    entry.major_minor == mounts.device_number(device)
+                ):
                     mounts.umount(target)
                 attached.attachment.stop()
                 attached.backend.close()
@@ -317,8 +333,16 @@ class NodeVolumes:
                 raise NotFound(f"the parent directory of {target} does not exist")
             if access.block:
                 self._publish_block(attached.device, target, ro)
+            elif attached.vhost:
+                if ro and not staged.readonly:
+                    raise InvalidArgument(
+                        f"volume {volume_id} is a vhost-vdpa device staged read-write: a "
+                        "read-only mount cannot make a device read-only (use ReadOnlyMany)"
+                    )
+                number = vhost_nodes.staged_mount(staging, attached.device)
+                self._publish_mount(number, staging, target, ro)
             else:
-                self._publish_mount(attached.device, staging, target, ro)
+                self._publish_mount(mounts.device_number(attached.device), staging, target, ro)
 
     def _publish_block(self, device: Path, target: Path, ro: bool) -> None:
         entry = mounts.mount_at(target) if target.exists() else None
@@ -344,12 +368,13 @@ class NodeVolumes:
             mounts.detach_loop(view.name)
             raise
 
-    def _publish_mount(self, device: Path, staging: Path, target: Path, ro: bool) -> None:
+    def _publish_mount(self, number: str, staging: Path, target: Path, ro: bool) -> None:
+        """Bind-mounts the staged file system (major:minor `number`) at `target`."""
         target.mkdir(exist_ok=True)
         entry = mounts.mount_at(target)
         if entry is not None:
             read_only = "ro" in entry.options.split(",")
-            if entry.major_minor == mounts.device_number(device) and read_only == ro:
+            if entry.major_minor == number and read_only == ro:
                 return
             raise AlreadyExists(f"{target} is already published with other options")
         mounts.bind_mount(staging, target, ro)
@@ -396,6 +421,9 @@ class NodeVolumes:
             if capacity > record.capacity:
                 record.capacity = capacity
                 self.store.put(record)
+            if attached.vhost:  # the guest reads the new size from the config space
+                server.resize(capacity)
+                return capacity
             size_file = Path("/sys/class/block") / attached.device.name / "size"
             if int(size_file.read_text()) * SECTOR < capacity:
                 server.resize(capacity)
@@ -442,7 +470,7 @@ class NodeVolumes:
             raise NotFound(f"volume {volume_id} is not at {volume_path!r}")
         abnormal, message = self.condition(volume_id)
         attached = self.attached.get(volume_id)
-        if not path.is_dir():
+        if not path.is_dir() or (attached is not None and attached.vhost):
             size = attached.backend.size if attached else 0
             return VolumeStats(total=size, abnormal=abnormal, message=message)
         st = os.statvfs(path)

@@ -29,8 +29,8 @@ K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 
 
 def parse_parameters(params: dict[str, str]) -> VolumeParams:
-    """StorageClass parameters: `queues`, `queueSize` and `provisioning`; the CO's own keys
-    are ignored."""
+    """StorageClass parameters: `queues`, `queueSize`, `provisioning` and `attach`; the CO's
+    own keys are ignored."""
     values: dict[str, object] = {}
     for key, raw in params.items():
         if key.startswith(K8S_PARAM_PREFIX):
@@ -40,10 +40,15 @@ def parse_parameters(params: dict[str, str]) -> VolumeParams:
                 raise InvalidArgument(f"parameter provisioning={raw!r} must be thin or thick")
             values["provisioning"] = raw
             continue
+        if key == "attach":
+            if raw not in ("virtio-vdpa", "vhost-vdpa"):
+                raise InvalidArgument(f"parameter attach={raw!r} must be virtio-vdpa or vhost-vdpa")
+            values["attach"] = raw
+            continue
         field = {"queues": "queues", "queueSize": "queue_size"}.get(key)
         if field is None:
             raise InvalidArgument(
-                f"unknown parameter {key!r} (known: queues, queueSize, provisioning)"
+                f"unknown parameter {key!r} (known: queues, queueSize, provisioning, attach)"
             )
         try:
             values[field] = int(raw)
@@ -55,6 +60,16 @@ def parse_parameters(params: dict[str, str]) -> VolumeParams:
     except ValueError as e:
         raise InvalidArgument(f"parameters queues/queueSize: {e}") from None
     return result
+
+
+def fit_reason(params: VolumeParams, block: bool) -> str | None:
+    """Why a volume with `params` cannot be used as a block (or mount) volume, or None."""
+    if block and params.attach == "vhost-vdpa":
+        return (
+            "a vhost-vdpa volume is a character device for a VMM; the kubelet publishes only "
+            "block devices as Block volumes: request it with volumeMode Filesystem"
+        )
+    return None
 
 
 def check_name(name: str) -> None:

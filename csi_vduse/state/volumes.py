@@ -50,6 +50,8 @@ class VolumeParams(BaseModel):
     queues: int = 1
     queue_size: int = 256
     provisioning: Literal["thin", "thick"] = "thin"
+    # virtio-vdpa: a host block device; vhost-vdpa: a character device for a VMM.
+    attach: Literal["virtio-vdpa", "vhost-vdpa"] = "virtio-vdpa"
 
 
 class VolumeRecord(Record):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
+import subprocess
 import threading
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 
 from csi_vduse.backends import FileBackend
 from csi_vduse.dataplane.blk_device import BlkParams
+from csi_vduse.kernel import sysfs
 from csi_vduse.kernel.vdpa import VdpaClient
 from csi_vduse.lifecycle.attachment import Attachment, DeviceBusy
 from tests.e2e.helpers import Export, allocated_bytes, assert_gone, run, sha256_file
@@ -214,6 +218,27 @@ def test_teardown_refuses_while_mounted(workdir: Path, name: str) -> None:
         run("umount", str(mnt))
     att.stop()
     backend.close()
+    assert_gone(name)
+
+
+def test_vhost_vdpa_export_serves_until_its_vmm_lets_go(workdir: Path, name: str) -> None:
+    exp = Export(workdir / "vm.img", name, "--size", "16M", "--attach", "vhost-vdpa")
+    try:
+        assert exp.device.name.startswith("vhost-vdpa-")
+        assert stat.S_ISCHR(exp.device.stat().st_mode)
+        assert sysfs.bound_driver(name) == sysfs.VHOST_VDPA
+        vmm = os.open(exp.device, os.O_RDWR)  # what a VMM holds while its guest runs
+        try:
+            exp.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(subprocess.TimeoutExpired):
+                exp.proc.wait(timeout=3)
+            assert VdpaClient().get(name) is not None
+        finally:
+            os.close(vmm)
+        assert exp.proc.wait(timeout=30) == 0
+    finally:
+        if exp.proc.poll() is None:
+            exp.proc.kill()
     assert_gone(name)
 
 

@@ -193,8 +193,10 @@ def test_restart_and_stop_under_load_on_two_queues(plugin: Plugin, workdir: Path
     stage(plugin, vid, staging, cap)
     device = staged_device(workdir, vid)
     assert len(list(Path(f"/sys/block/{device.name}/mq").iterdir())) == 2
+    # Four passes over 48M a job: it must outlast a kill, a restart and a graceful stop
+    # (one pass took about 15 s on the 6.12 kernel, too close).
     load = fio(device, "--numjobs=2", "--offset_increment=64M", "--cpus_allowed=0,1",
-               "--cpus_allowed_policy=split", "--group_reporting")  # fmt: skip
+               "--cpus_allowed_policy=split", "--group_reporting", "--loops=4")  # fmt: skip
     time.sleep(3)
     assert load.poll() is None, "fio finished before the restart; make it longer"
     plugin.stop(signal.SIGKILL)

@@ -25,6 +25,7 @@ from tests.lab.kernel import (
     LabKernel,
     cache_dir,
     ensure_backports_source,
+    guest_kernel,
     lab_kernel,
     os_release,
 )
@@ -111,6 +112,7 @@ def _env_script(cwd: str, extra_env: dict[str, str], lab: LabKernel) -> str:
         "LAB_MODULES": str(lab.modules or ""),
         "LAB_LOAD_MODULES": " ".join(lab.load),
         "CSI_VDUSE_IN_LAB": "1",
+        "CSI_VDUSE_GUEST_KERNEL": str(guest_kernel()),  # the VM tests' nested guest
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
         **extra_env,

@@ -125,7 +125,12 @@ ALL_ON: Obj = {
         },
         {
             "name": "vduse-raw",
-            "parameters": {"queues": 64, "queueSize": 4, "provisioning": "thick"},
+            "parameters": {
+                "queues": 64,
+                "queueSize": 4,
+                "provisioning": "thick",
+                "attach": "vhost-vdpa",
+            },
         },
     ],
 }
@@ -315,6 +320,7 @@ def test_kube_version_range_is_covered_by_the_schemas() -> None:
             "provisioning",
         ),
         ({"storageClasses": [{"name": "x", "parameters": {"queues": 65}}]}, "queues"),
+        ({"storageClasses": [{"name": "x", "parameters": {"attach": "vhost"}}]}, "attach"),
         ({"storageClasses": [{"name": "x", "fsType": "btrfs"}]}, "fsType"),
         ({"images": {"provisioner": {"repository": "r", "tag": "latest"}}}, "tag"),
         ({"images": {"plugin": {"repository": "r", "tag": "latest"}}}, "tag"),

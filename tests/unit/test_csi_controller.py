@@ -94,6 +94,9 @@ def test_capacity_range_semantics(plugin: Plugin) -> None:
         ({"parameters": {"colour": "blue"}}, C.INVALID_ARGUMENT),
         ({"parameters": {"queues": "0"}}, C.INVALID_ARGUMENT),
         ({"parameters": {"queueSize": "100"}}, C.INVALID_ARGUMENT),
+        ({"parameters": {"attach": "vhost"}}, C.INVALID_ARGUMENT),
+        ({"parameters": {"attach": "vhost-vdpa"}, "volume_capabilities": [block_cap()]},
+         C.INVALID_ARGUMENT),
         ({"capacity_range": pb.CapacityRange(required_bytes=1 << 49)}, C.RESOURCE_EXHAUSTED),
         ({"capacity_range": pb.CapacityRange(required_bytes=1 << 60)}, C.OUT_OF_RANGE),
         ({"volume_content_source": pb.VolumeContentSource(
@@ -197,6 +200,22 @@ def test_get_volume_condition_and_validate(plugin: Plugin) -> None:
         volume_id="vduse-" + "0" * 40, volume_capabilities=[block_cap()]
     )
     assert code_of(lambda: plugin.controller.ValidateVolumeCapabilities(missing)) == C.NOT_FOUND
+
+
+def test_a_vhost_vdpa_volume_is_a_filesystem_volume(plugin: Plugin) -> None:
+    vol = plugin.controller.CreateVolume(pb.CreateVolumeRequest(
+        name="pvc-vm", volume_capabilities=[mount_cap()], parameters={"attach": "vhost-vdpa"},
+        capacity_range=pb.CapacityRange(required_bytes=MiB),
+    )).volume  # fmt: skip
+    record = json.loads((plugin.root / "data" / "volumes" / f"{vol.volume_id}.json").read_text())
+    assert record["params"]["attach"] == "vhost-vdpa"
+    validate = plugin.controller.ValidateVolumeCapabilities
+    ok = validate(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=vol.volume_id, volume_capabilities=[mount_cap()]))  # fmt: skip
+    assert ok.HasField("confirmed")
+    no = validate(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=vol.volume_id, volume_capabilities=[block_cap()]))  # fmt: skip
+    assert not no.HasField("confirmed") and "volumeMode Filesystem" in no.message
 
 
 def test_capacity_and_expand(plugin: Plugin) -> None:
