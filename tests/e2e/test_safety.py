@@ -174,10 +174,19 @@ def fio_errors(proc: subprocess.Popen[str]) -> int:
 
 
 def seconds_between(p: Plugin, first: str, then: str) -> float:
-    """Seconds from the last log line starting with `first` to the next one with `then`."""
-    lines = [json.loads(line) for line in p.log.read_text().splitlines() if line.startswith("{")]
-    start = max(i for i, e in enumerate(lines) if e["msg"].startswith(first))
-    end = next(i for i, e in enumerate(lines[start:], start) if e["msg"].startswith(then))
+    """Seconds from the last log line starting with `first` to the next one with `then`
+    (which the plugin may write a moment after its socket answers)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in p.log.read_text().splitlines(keepends=True)
+                 if line.startswith("{") and line.endswith("\n")]  # fmt: skip
+        start = max(i for i, e in enumerate(lines) if e["msg"].startswith(first))
+        ends = [i for i, e in enumerate(lines[start:], start) if e["msg"].startswith(then)]
+        if ends or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert ends, f"the plugin never logged {then!r} after {first!r}"
+    end = ends[0]
     stamps = [datetime.fromisoformat(lines[i]["ts"].replace("Z", "+00:00")) for i in (start, end)]
     return (stamps[1] - stamps[0]).total_seconds()
 
