@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.csi_client import Plugin
+from tests.e2e.helpers import mounts_under, run
+
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("CSI_VDUSE_IN_LAB") != "1" or not Path("/dev/vduse/control").exists():
@@ -32,3 +35,15 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 def name() -> str:
     return f"e2e-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def plugin(workdir: Path) -> Iterator[Plugin]:
+    """`csi-vduse serve` for one test; the test fails if it leaves a mount under workdir."""
+    p = Plugin(workdir)
+    yield p
+    p.stop()
+    leftovers = [m.target for m in mounts_under(workdir)]
+    for target in reversed(leftovers):
+        run("umount", "-l", target, check=False)
+    assert not leftovers, f"mounts left behind: {leftovers}"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from csi_vduse.kernel.vdpa import VdpaClient
+from csi_vduse.lifecycle.mounts import MountEntry, mounts
 
 
 class Export:
@@ -73,3 +74,7 @@ def wait_for(cond: object, timeout: float = 10) -> bool:
 
 def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def mounts_under(root: Path) -> list[MountEntry]:
+    return [m for m in mounts() if m.target.startswith(str(root))]

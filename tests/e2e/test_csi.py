@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,26 +16,11 @@ import pytest
 
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.kernel.vdpa import VdpaClient
-from csi_vduse.lifecycle.mounts import MountEntry, mount_at, mounts
+from csi_vduse.lifecycle.mounts import mount_at
 from tests.csi_client import MiB, Mode, Plugin, block_cap, code_of, error_of, mount_cap
-from tests.e2e.helpers import run
+from tests.e2e.helpers import mounts_under, run
 
 C = grpc.StatusCode
-
-
-@pytest.fixture
-def plugin(workdir: Path) -> Iterator[Plugin]:
-    p = Plugin(workdir)
-    yield p
-    p.stop()
-    leftovers = [m.target for m in _mounts_under(workdir)]
-    for target in reversed(leftovers):
-        run("umount", "-l", target, check=False)
-    assert not leftovers, f"mounts left behind: {leftovers}"
-
-
-def _mounts_under(root: Path) -> list[MountEntry]:
-    return [m for m in mounts() if m.target.startswith(str(root))]
 
 
 def create(p: Plugin, name: str, cap: pb.VolumeCapability, size: int = 64 * MiB) -> str:
@@ -248,7 +232,7 @@ def test_bad_stage_requests_leave_nothing_behind(
     assert got == code, f"{what}: {got} {message}"
     assert message
     assert device_count() == 0
-    assert not _mounts_under(workdir)
+    assert not mounts_under(workdir)
     assert not list((workdir / "state" / "staged").glob("*.json"))
 
 

@@ -7,18 +7,15 @@ from __future__ import annotations
 import signal
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.kernel import sysfs
 from tests.csi_client import MiB, Plugin, block_cap, code_of, mount_cap
 from tests.e2e.guest import NestedGuest
-from tests.e2e.helpers import run
-from tests.e2e.test_csi import create, stage, unstage
+from tests.e2e.test_csi import create, publish, stage, unpublish, unstage
 
 C = grpc.StatusCode
 BOOT_TIMEOUT = 600
@@ -44,29 +41,6 @@ def assert_guest_data(image: Path) -> None:
         assert f.read(DATA_LEN) == expected_pattern(DATA_OFF, DATA_LEN, SEED)
 
 
-@pytest.fixture
-def plugin(workdir: Path) -> Iterator[Plugin]:
-    p = Plugin(workdir)
-    yield p
-    p.stop()
-    for line in reversed(run("findmnt", "-rn", "-o", "TARGET").stdout.splitlines()):
-        if line.startswith(str(workdir)):
-            run("umount", "-l", line, check=False)
-
-
-def publish(p: Plugin, vid: str, staging: Path, target: Path, cap: pb.VolumeCapability) -> None:
-    p.node.NodePublishVolume(pb.NodePublishVolumeRequest(
-        volume_id=vid, staging_target_path=str(staging), target_path=str(target),
-        volume_capability=cap,
-    ))  # fmt: skip
-
-
-def unpublish(p: Plugin, vid: str, target: Path) -> None:
-    p.node.NodeUnpublishVolume(
-        pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target))
-    )
-
-
 def vhost_volume(p: Plugin, workdir: Path, name: str) -> tuple[str, Path, Path]:
     """A vhost-vdpa volume staged and published as a pod would get it; returns the id, the
     staging path and the device node in the published volume."""
@@ -83,11 +57,8 @@ def vhost_volume(p: Plugin, workdir: Path, name: str) -> tuple[str, Path, Path]:
     stage(p, vid, staging, cap)
     publish(p, vid, staging, target, cap)
     publish(p, vid, staging, target, cap)  # idempotent
-    read_only = pb.NodePublishVolumeRequest(
-        volume_id=vid, staging_target_path=str(staging), target_path=str(workdir / "ro"),
-        volume_capability=cap, readonly=True,
-    )  # fmt: skip
-    assert code_of(lambda: p.node.NodePublishVolume(read_only)) == C.INVALID_ARGUMENT
+    read_only = code_of(lambda: publish(p, vid, staging, workdir / "ro", cap, readonly=True))
+    assert read_only == C.INVALID_ARGUMENT
     assert sysfs.bound_driver(vid) == sysfs.VHOST_VDPA
     node = target / "vhost-vdpa"
     host = Path("/dev") / str(sysfs.vhost_device_name(vid))

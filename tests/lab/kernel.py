@@ -33,9 +33,14 @@ def cache_dir() -> Path:
     return Path(base) / "csi-vduse" / "lab"
 
 
+def _cached_build(stem: str, fragment: Path) -> Path:
+    """Where a kernel built from `fragment` is cached: keyed by the fragment's digest."""
+    digest = hashlib.sha256(fragment.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"{stem}-{digest}"
+
+
 def cached_kernel_path() -> Path:
-    digest = hashlib.sha256(FRAGMENT.read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"bzImage-6.1-{digest}"
+    return _cached_build("bzImage-6.1", FRAGMENT)
 
 
 def find_kernel(build: bool = True) -> Path:
@@ -76,8 +81,7 @@ def build_kernel(target: Path) -> Path:
 
 
 def guest_kernel_path() -> Path:
-    digest = hashlib.sha256(GUEST_FRAGMENT.read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"bzImage-guest-6.1-{digest}"
+    return _cached_build("bzImage-guest-6.1", GUEST_FRAGMENT)
 
 
 def guest_kernel() -> Path:
