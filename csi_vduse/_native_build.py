@@ -58,6 +58,8 @@ CDEF = """
 #define DP_MAX_QUEUE_SIZE ...
 #define DP_MIN_MAPS ...
 #define DP_LOG_SIZE ...
+#define DP_LATENCY_BUCKETS ...
+#define DP_LATENCY_FIRST_NS ...
 #define DP_LOG_MAGIC ...
 #define DP_LOG_VERSION ...
 #define DP_PERM_READ ...
@@ -104,7 +106,15 @@ struct dp_stats {
     uint64_t read_bytes, written_bytes;
     uint64_t errors, unsupported, bad_chains;
     uint64_t faults, poisoned, enospc;
+    uint64_t throttled_us;
+    uint64_t latency_ns_sum;
+    uint64_t latency[19];
 };
+enum dp_qos_kind { DP_QOS_READ_OPS, DP_QOS_WRITE_OPS, DP_QOS_READ_BYTES, DP_QOS_WRITE_BYTES,
+                   DP_QOS_KINDS };
+struct dp_qos_bucket { double rate; double burst; double tokens; };
+struct dp_qos { uint64_t last_ns; struct dp_qos_bucket b[4]; ...; };
+struct dp_device { struct dp_qos qos; ...; };
 struct dp_backend_ops {
     ssize_t (*preadv)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
     ssize_t (*pwritev)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
@@ -142,12 +152,14 @@ struct dp_queue {
     int event_fd;
     int write_enospc;
     uint64_t interrupts;
+    uint32_t in_flight;
     uint64_t parallel_batches;
     uint64_t parallel_min_bytes;
     uint32_t poll_us;
     bool crashed_pending;
     uint16_t crashed_idx;
     struct dp_vq vq;
+    struct dp_device *dev;
     struct dp_stats stats;
     ...;
 };
@@ -169,6 +181,16 @@ int dp_queue_process(struct dp_queue *q);
 int dp_queue_resume(struct dp_queue *q);
 int dp_queue_run(struct dp_queue *q);
 void dp_queue_request_stop(struct dp_queue *q);
+void dp_qos_init(struct dp_qos *qos);
+void dp_qos_destroy(struct dp_qos *qos);
+void dp_qos_set(struct dp_qos *qos, const uint64_t limits[4], uint32_t burst_ms,
+                uint64_t now_ns);
+void dp_qos_charge(struct dp_qos *qos, const uint64_t used[4], uint64_t now_ns);
+uint64_t dp_qos_wait_ns(struct dp_qos *qos, uint64_t now_ns);
+int dp_device_init(struct dp_device *dev);
+void dp_device_destroy(struct dp_device *dev);
+int dp_device_quiesce(struct dp_device *dev, uint32_t timeout_ms);
+void dp_device_resume(struct dp_device *dev);
 """
 
 SOURCES = [
@@ -179,6 +201,7 @@ SOURCES = [
     DATAPLANE_NATIVE / "worker.c",
     DATAPLANE_NATIVE / "guard.c",
     DATAPLANE_NATIVE / "file_backend.c",
+    DATAPLANE_NATIVE / "qos.c",
 ]
 
 

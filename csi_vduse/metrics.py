@@ -3,11 +3,18 @@ scraped: nothing runs per request."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from csi_vduse.dataplane.server import LATENCY_BOUNDS
 from csi_vduse.lifecycle.node import NodeVolumes
 
 REQUESTS = {
@@ -47,6 +54,18 @@ class VolumeCollector(Collector):
             "csi_vduse_volume_abnormal", "1 when the volume's condition is abnormal",
             labels=["volume"],
         )  # fmt: skip
+        latency = HistogramMetricFamily(
+            "csi_vduse_request_seconds",
+            "Service time of the volume's requests, from taken off the ring to completed",
+            labels=["volume"],
+        )  # fmt: skip
+        in_flight = GaugeMetricFamily(
+            "csi_vduse_requests_in_flight", "Requests being served now", labels=["volume"]
+        )
+        throttled = CounterMetricFamily(
+            "csi_vduse_qos_throttled_seconds",
+            "Time the volume's queues waited for their QoS limits", labels=["volume"],
+        )  # fmt: skip
         volumes = set(self.node.attached) | set(self.node.problems)
         for volume_id in sorted(volumes):
             is_abnormal, _ = self.node.condition(volume_id)
@@ -63,4 +82,10 @@ class VolumeCollector(Collector):
             for field, reason in FAILURES.items():
                 failed.add_metric([volume_id, reason], stats[field])
             stopped.add_metric([volume_id], server.broken_queues())
-        yield from (requests, moved, failed, stopped, abnormal)
+            throttled.add_metric([volume_id], stats["throttled_us"] / 1e6)
+            counts, seconds = server.latency()
+            cumulative = list(itertools.accumulate(counts))
+            buckets = [(f"{b:g}", c) for b, c in zip(LATENCY_BOUNDS, cumulative, strict=False)]
+            latency.add_metric([volume_id], [*buckets, ("+Inf", cumulative[-1])], sum_value=seconds)
+            in_flight.add_metric([volume_id], server.in_flight())
+        yield from (requests, moved, failed, stopped, abnormal, throttled, latency, in_flight)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from google.protobuf import wrappers_pb2
+from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from csi_vduse.config import ServeConfig
 from csi_vduse.csi import capabilities
@@ -13,24 +14,35 @@ from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.errors import Aborted, InvalidArgument, ResourceExhausted
 from csi_vduse.lifecycle.node import NodeVolumes
-from csi_vduse.lifecycle.provisioning import Provisioner, fit_reason, parse_parameters
+from csi_vduse.lifecycle.provisioning import (
+    K8S_PARAM_PREFIX,
+    Provisioner,
+    Source,
+    fit_reason,
+    parse_parameters,
+)
+from csi_vduse.lifecycle.snapshots import Snapshots
 from csi_vduse.state.records import UnreadableRecord
-from csi_vduse.state.volumes import VolumeRecord
+from csi_vduse.state.snapshots import SnapshotRecord, check_snapshot_id
+from csi_vduse.state.volumes import InvalidId, VolumeRecord, check_volume_id
 
 RPC = pb.ControllerServiceCapability.RPC
 CAPABILITIES = (
     RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.GET_CAPACITY, RPC.EXPAND_VOLUME,
     RPC.GET_VOLUME, RPC.VOLUME_CONDITION, RPC.SINGLE_NODE_MULTI_WRITER,
+    RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.CLONE_VOLUME, RPC.MODIFY_VOLUME,
 )  # fmt: skip
 MAX_LIST_ENTRIES = 1000
 
 
 class ControllerService(rpc_pb.ControllerServicer):
     def __init__(
-        self, config: ServeConfig, provisioner: Provisioner, node: NodeVolumes | None
-    ) -> None:
+        self, config: ServeConfig, provisioner: Provisioner, snapshots: Snapshots,
+        node: NodeVolumes | None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.provisioner = provisioner
+        self.snapshots = snapshots
         self.node = node
 
     def _topology(self) -> pb.Topology:
@@ -41,12 +53,28 @@ class ControllerService(rpc_pb.ControllerServicer):
         return any(t.segments.get(key) == node for t in topologies)
 
     def _volume(self, record: VolumeRecord) -> pb.Volume:
-        return pb.Volume(
+        volume = pb.Volume(
             volume_id=record.volume_id, capacity_bytes=record.capacity,
             volume_context={"queues": str(record.params.queues),
                             "queueSize": str(record.params.queue_size),
                             "provisioning": record.params.provisioning},
             accessible_topology=[self._topology()],
+        )  # fmt: skip
+        if record.source is not None:
+            kind, source_id = record.source
+            if kind == "snapshot":
+                volume.content_source.snapshot.snapshot_id = source_id
+            else:
+                volume.content_source.volume.volume_id = source_id
+        return volume
+
+    @staticmethod
+    def _snapshot(record: SnapshotRecord) -> pb.Snapshot:
+        created = timestamp_pb2.Timestamp()
+        created.FromNanoseconds(int(record.created_at * 1e9))
+        return pb.Snapshot(
+            snapshot_id=record.snapshot_id, source_volume_id=record.source_volume_id,
+            size_bytes=record.size, creation_time=created, ready_to_use=True,
         )  # fmt: skip
 
     def _unreadable(self, volume_id: str, reason: str) -> tuple[pb.Volume, pb.VolumeCondition]:
@@ -76,10 +104,7 @@ class ControllerService(rpc_pb.ControllerServicer):
         for access in accesses:
             if reason := fit_reason(params, access.block):
                 raise InvalidArgument(reason)
-        if request.HasField("volume_content_source"):
-            raise InvalidArgument(
-                "creating a volume from a snapshot or another volume is not supported yet"
-            )
+        source = content_source(request) if request.HasField("volume_content_source") else None
         if request.HasField("accessibility_requirements"):
             req = request.accessibility_requirements
             if req.requisite and not self._on_this_node(req.requisite):
@@ -90,6 +115,7 @@ class ControllerService(rpc_pb.ControllerServicer):
         record = self.provisioner.create(
             request.name, request.capacity_range.required_bytes,
             request.capacity_range.limit_bytes, dict(request.parameters),
+            dict(request.mutable_parameters), source,
         )  # fmt: skip
         return pb.CreateVolumeResponse(volume=self._volume(record))
 
@@ -105,10 +131,15 @@ class ControllerService(rpc_pb.ControllerServicer):
         record = self.provisioner.get(request.volume_id)
         if not request.volume_capabilities:
             raise InvalidArgument("volume_capabilities is required")
-        if request.parameters and parse_parameters(dict(request.parameters)) != record.params:
-            return pb.ValidateVolumeCapabilitiesResponse(
-                message="the parameters differ from the volume's"
-            )
+        if request.parameters:
+            try:
+                differ = parse_parameters(dict(request.parameters)) != record.params
+            except InvalidArgument as e:
+                return pb.ValidateVolumeCapabilitiesResponse(message=str(e))
+            if differ:
+                return pb.ValidateVolumeCapabilitiesResponse(
+                    message="the parameters differ from the volume's"
+                )
         for cap in request.volume_capabilities:
             reason = capabilities.unsupported(cap) or fit_reason(
                 record.params, cap.WhichOneof("access_type") == "block"
@@ -124,20 +155,13 @@ class ControllerService(rpc_pb.ControllerServicer):
 
     @rpc
     def ListVolumes(self, request: Any, context: Any) -> pb.ListVolumesResponse:
-        if request.max_entries < 0:
-            raise InvalidArgument("max_entries may not be negative")
         records, unreadable = self.provisioner.scan()
         volumes = [(self._volume(r), self._condition(r)) for r in records]
         volumes += [self._unreadable(vid, why) for vid, why in unreadable.items()]
-        volumes.sort(key=lambda v: v[0].volume_id)
-        start = 0
-        if request.starting_token:
-            if not request.starting_token.isdigit() or int(request.starting_token) > len(volumes):
-                raise Aborted(f"starting_token {request.starting_token!r} is not valid any more")
-            start = int(request.starting_token)
-        count = request.max_entries or MAX_LIST_ENTRIES
-        page = volumes[start : start + count]
-        end = start + len(page)
+        page, next_token = paginate(
+            sorted(volumes, key=lambda v: v[0].volume_id), lambda v: v[0].volume_id,
+            request.starting_token, request.max_entries, is_volume_id,
+        )  # fmt: skip
         entries = [
             pb.ListVolumesResponse.Entry(
                 volume=volume,
@@ -145,9 +169,7 @@ class ControllerService(rpc_pb.ControllerServicer):
             )
             for volume, condition in page
         ]
-        return pb.ListVolumesResponse(
-            entries=entries, next_token=str(end) if end < len(volumes) else ""
-        )
+        return pb.ListVolumesResponse(entries=entries, next_token=next_token)
 
     @rpc
     def ControllerGetVolume(self, request: Any, context: Any) -> pb.ControllerGetVolumeResponse:
@@ -162,10 +184,11 @@ class ControllerService(rpc_pb.ControllerServicer):
 
     @rpc
     def GetCapacity(self, request: Any, context: Any) -> pb.GetCapacityResponse:
-        if request.parameters:
-            parse_parameters(dict(request.parameters))
-        for cap in request.volume_capabilities:
-            capabilities.parse(cap)
+        params = parse_parameters(dict(request.parameters))
+        for cap in request.volume_capabilities:  # what cannot be served has no capacity
+            block = cap.WhichOneof("access_type") == "block"
+            if capabilities.unsupported(cap) or fit_reason(params, block):
+                return pb.GetCapacityResponse(available_capacity=0)
         topology = request.accessible_topology
         if topology.segments and not self._on_this_node([topology]):
             return pb.GetCapacityResponse(available_capacity=0)
@@ -196,3 +219,82 @@ class ControllerService(rpc_pb.ControllerServicer):
         return pb.ControllerExpandVolumeResponse(
             capacity_bytes=record.capacity, node_expansion_required=True
         )
+
+    @rpc
+    def ControllerModifyVolume(
+        self, request: Any, context: Any
+    ) -> pb.ControllerModifyVolumeResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        self.provisioner.modify(request.volume_id, dict(request.mutable_parameters))
+        return pb.ControllerModifyVolumeResponse()
+
+    @rpc
+    def CreateSnapshot(self, request: Any, context: Any) -> pb.CreateSnapshotResponse:
+        unknown = [k for k in request.parameters if not k.startswith(K8S_PARAM_PREFIX)]
+        if unknown:
+            raise InvalidArgument(f"snapshots take no parameters (got {', '.join(unknown)})")
+        record = self.snapshots.create(request.name, request.source_volume_id)
+        return pb.CreateSnapshotResponse(snapshot=self._snapshot(record))
+
+    @rpc
+    def DeleteSnapshot(self, request: Any, context: Any) -> pb.DeleteSnapshotResponse:
+        self.snapshots.delete(request.snapshot_id)
+        return pb.DeleteSnapshotResponse()
+
+    @rpc
+    def ListSnapshots(self, request: Any, context: Any) -> pb.ListSnapshotsResponse:
+        records = self.snapshots.scan()
+        if request.snapshot_id:
+            records = [r for r in records if r.snapshot_id == request.snapshot_id]
+        if request.source_volume_id:
+            records = [r for r in records if r.source_volume_id == request.source_volume_id]
+        page, next_token = paginate(
+            records, lambda r: r.snapshot_id, request.starting_token, request.max_entries,
+            is_snapshot_id,
+        )  # fmt: skip
+        entries = [pb.ListSnapshotsResponse.Entry(snapshot=self._snapshot(r)) for r in page]
+        return pb.ListSnapshotsResponse(entries=entries, next_token=next_token)
+
+
+def content_source(request: Any) -> Source:
+    source = request.volume_content_source
+    kind = source.WhichOneof("type")
+    if kind == "snapshot" and source.snapshot.snapshot_id:
+        return ("snapshot", source.snapshot.snapshot_id)
+    if kind == "volume" and source.volume.volume_id:
+        return ("volume", source.volume.volume_id)
+    raise InvalidArgument("volume_content_source needs a snapshot_id or a volume_id")
+
+
+def is_volume_id(token: str) -> bool:
+    try:
+        return check_volume_id(token)
+    except InvalidId:
+        return False
+
+
+def is_snapshot_id(token: str) -> bool:
+    try:
+        return check_snapshot_id(token)
+    except InvalidId:
+        return False
+
+
+T = TypeVar("T")
+
+
+def paginate(
+    items: list[T], key: Callable[[T], str], token: str, max_entries: int,
+    valid_token: Callable[[str], bool],
+) -> tuple[list[T], str]:  # fmt: skip
+    """One page of `items` (sorted by `key`) after `token`, the key of the last entry of
+    the page before: entries that come or go between pages shift no other entry."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries may not be negative")
+    if token and not valid_token(token):
+        raise Aborted(f"starting_token {token!r} is not one this plugin handed out")
+    rest = [item for item in items if key(item) > token] if token else items
+    count = max_entries or MAX_LIST_ENTRIES
+    page = rest[:count]
+    return page, key(page[-1]) if len(rest) > count else ""

@@ -27,8 +27,10 @@ from csi_vduse.health import HealthServer
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.node import NodeVolumes
 from csi_vduse.lifecycle.provisioning import Provisioner
+from csi_vduse.lifecycle.snapshots import Snapshots, refuse_staged
 from csi_vduse.metrics import VolumeCollector
 from csi_vduse.state.staging import StagingStore
+from csi_vduse.state.volumes import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class Driver:
         self.config = config
         self.locks = VolumeLocks()
         self.node: NodeVolumes | None = None
+        self.snapshots: Snapshots | None = None
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
@@ -94,8 +97,16 @@ class Driver:
             rpc_pb.add_NodeServicer_to_server(NodeService(config, self.node), self.server)
         if "controller" in config.components:
             staging = StagingStore(config.state_dir)
-            provisioner = Provisioner(config.data_dir, staging, self.locks)
-            service = ControllerService(config, provisioner, self.node)
+            snapshots = Snapshots(
+                config.data_dir, VolumeStore(config.data_dir), self.locks, threading.Lock(),
+                self.node.quiesced if self.node else refuse_staged(staging),
+            )  # fmt: skip
+            provisioner = Provisioner(
+                config.data_dir, staging, self.locks, snapshots,
+                self.node.set_qos if self.node else None,
+            )  # fmt: skip
+            service = ControllerService(config, provisioner, snapshots, self.node)
+            self.snapshots = snapshots
             rpc_pb.add_ControllerServicer_to_server(service, self.server)
 
     def start(self) -> None:
@@ -104,6 +115,8 @@ class Driver:
             prepare_socket(self.config.registration_socket)
         for d in (self.config.state_dir, self.config.data_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.snapshots is not None:
+            self.snapshots.remove_orphans()
         for problem in host_problems(self.config):
             log.warning("this host cannot serve VDUSE volumes yet: %s", problem)
         if self.node is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from csi_vduse._native import ffi, lib
+from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.dataplane.tuning import DataPlaneTuning
 
 SECTOR = 512
@@ -25,6 +26,7 @@ class BlkParams:
     serial: str = ""
     blk_size: int = SECTOR
     tuning: DataPlaneTuning = field(default_factory=DataPlaneTuning)
+    qos: QosLimits = field(default_factory=QosLimits)
 
     def __post_init__(self) -> None:
         check_queues(self.queues, self.queue_size)

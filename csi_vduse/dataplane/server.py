@@ -9,6 +9,8 @@ import mmap
 import os
 import select
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from csi_vduse.dataplane.blk_device import (
     BlkParams,
     capacity_field,
 )
+from csi_vduse.dataplane.qos import QosLimits
+from csi_vduse.errors import Unavailable
 from csi_vduse.kernel.vduse import Request, VduseDevice
 
 log = logging.getLogger(__name__)
@@ -29,8 +33,12 @@ ALL_IOVA = (0, 2**64 - 1)
 STATS_FIELDS = (
     "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
     "read_bytes", "written_bytes", "errors", "unsupported", "bad_chains",
-    "faults", "poisoned", "enospc",
+    "faults", "poisoned", "enospc", "throttled_us",
 )  # fmt: skip
+# upper bounds, in seconds, of the service-time buckets the C workers count in
+LATENCY_BOUNDS = tuple(
+    lib.DP_LATENCY_FIRST_NS * (1 << i) / 1e9 for i in range(lib.DP_LATENCY_BUCKETS - 1)
+)
 BROKEN_REASONS = {
     lib.DP_BROKEN_RING: "its ring is corrupt (an index or a ring address out of range)",
     lib.DP_BROKEN_NO_STATUS: "the guest sent a request without a status byte to fail it in",
@@ -87,6 +95,16 @@ class BlockServer:
         self._tlb = ffi.new("struct dp_iotlb *")
         if lib.dp_iotlb_init(self._tlb, device.fd, 2 * params.queues + lib.DP_MIN_MAPS) != 0:
             raise OSError("cannot initialise the IOTLB")
+        self._device = ffi.new("struct dp_device *")
+        if lib.dp_device_init(self._device) != 0:
+            lib.dp_iotlb_destroy(self._tlb)
+            raise OSError("cannot initialise the device's gate")
+        try:
+            self.set_qos(params.qos)
+        except BaseException:
+            lib.dp_device_destroy(self._device)
+            lib.dp_iotlb_destroy(self._tlb)
+            raise
         self._blk = ffi.new("struct dp_blk *")
         ops, ctx = backend.native_ops()
         self._blk.ops = ops
@@ -105,6 +123,7 @@ class BlockServer:
         self._queue_stop_fd = -1
         self._last_avail: dict[int, int] = {}
         self._retired = dict.fromkeys(STATS_FIELDS, 0)
+        self._retired_latency = [0] * (lib.DP_LATENCY_BUCKETS + 1)  # buckets, then the sum
         self._reported: set[int] = set()
         self._lock = threading.Lock()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -132,6 +151,7 @@ class BlockServer:
             self._thread.join()
         self._stop_queues()
         lib.dp_iotlb_destroy(self._tlb)
+        lib.dp_device_destroy(self._device)
         for fd in (self._stop_fd, self._events_fd):
             os.close(fd)
         self._log.close()
@@ -147,6 +167,20 @@ class BlockServer:
                 for name in STATS_FIELDS:
                     totals[name] += getattr(q.native.stats, name)
         return totals
+
+    def latency(self) -> tuple[list[int], float]:
+        """Requests per service-time bucket (LATENCY_BOUNDS, then the rest; not cumulative)
+        and the sum of their service times in seconds, since the server started."""
+        with self._lock:
+            totals = list(self._retired_latency)
+            for q in self._queues:
+                for i, count in enumerate(_latency_of(q.native.stats)):
+                    totals[i] += count
+        return totals[:-1], totals[-1] / 1e9
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(int(q.native.in_flight) for q in self._queues)
 
     def queue_requests(self) -> list[int]:
         """Requests completed by each running queue."""
@@ -204,6 +238,29 @@ class BlockServer:
         offset, data = capacity_field(size)
         self.device.set_config(offset, data)
         self.device.inject_config_irq()
+
+    def set_qos(self, limits: QosLimits) -> None:
+        """Applies new limits to the running queues at once; no request waits for it."""
+        lib.dp_qos_set(
+            ffi.addressof(self._device.qos), limits.native(), limits.burst_ms,
+            time.monotonic_ns(),
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def quiesced(self, timeout: float = 10.0) -> Iterator[None]:
+        """Every request the guest got an answer for is in the backend and flushed, and
+        none runs, until the block ends. Requests wait; none fails."""
+        r = lib.dp_device_quiesce(self._device, int(timeout * 1000))
+        if r != 0:
+            raise Unavailable(
+                f"{self.device.name}: requests still running after {timeout:g} s "
+                f"({os.strerror(-r)}); the backend may hang"
+            )
+        try:
+            self.backend.flush()
+            yield
+        finally:
+            lib.dp_device_resume(self._device)
 
     def _serve_messages(self) -> None:
         try:
@@ -293,6 +350,7 @@ class BlockServer:
         native.parallel_min_bytes = self.params.tuning.parallel_min_bytes
         native.poll_us = self.params.tuning.poll_us
         native.event_fd = self._events_fd
+        native.dev = self._device
         lib.dp_vq_init(
             ffi.addressof(native.vq), self._tlb, info.num, info.desc_addr,
             info.driver_addr, info.device_addr, info.avail_index, event_idx,
@@ -353,6 +411,8 @@ class BlockServer:
             with self._lock:
                 for name in STATS_FIELDS:
                     self._retired[name] += getattr(q.native.stats, name)
+                for i, count in enumerate(_latency_of(q.native.stats)):
+                    self._retired_latency[i] += count
             try:
                 self.device.vq_set_kickfd(q.index, -1)
             except OSError as e:
@@ -362,3 +422,9 @@ class BlockServer:
             os.close(q.kick_fd)
         os.close(self._queue_stop_fd)
         self._queue_stop_fd = -1
+
+
+def _latency_of(stats: Any) -> list[int]:
+    return [int(stats.latency[i]) for i in range(lib.DP_LATENCY_BUCKETS)] + [
+        int(stats.latency_ns_sum)
+    ]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from csi_vduse.errors import InvalidArgument, OutOfRange, ResourceExhausted
+from csi_vduse.errors import Aborted, InvalidArgument, OutOfRange, ResourceExhausted
 
 MiB = 1 << 20
 DEFAULT_CAPACITY = 1 << 30
@@ -28,6 +31,19 @@ def pick_capacity(required: int, limit: int, default: int = DEFAULT_CAPACITY) ->
     if size > MAX_CAPACITY:
         raise OutOfRange(f"{size} bytes is larger than the {MAX_CAPACITY} this driver serves")
     return size
+
+
+@contextmanager
+def exclusive(space: threading.Lock, timeout: float = 5.0) -> Iterator[None]:
+    """One reservation of free space at a time (no byte promised twice); a call that waits
+    longer (another volume's copy holds it) is told to come back, not left holding a
+    gRPC thread."""
+    if not space.acquire(timeout=timeout):
+        raise Aborted("another volume is reserving space or being copied; retry")
+    try:
+        yield
+    finally:
+        space.release()
 
 
 def free_bytes(path: Path) -> int:

@@ -5,14 +5,17 @@ left. Teardown never discards a device that is mounted or open, and nothing answ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from csi_vduse.backends import FileBackend
 from csi_vduse.dataplane.blk_device import SECTOR, BlkParams
+from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -139,7 +142,7 @@ class NodeVolumes:
                         f"volume {volume_id} is already staged at {staged.staging_path} as "
                         f"{staged.access_type} (mode {staged.access_mode}); unstage it first"
                     )
-                wanted.device = staged.device
+                wanted.device, wanted.published = staged.device, staged.published
             elif len(self.attached) >= self.max_volumes:
                 raise ResourceExhausted(f"this node serves at most {self.max_volumes} volumes")
             self.staging.put(wanted)  # intent first: a crash leaves a record to converge from
@@ -190,7 +193,7 @@ class NodeVolumes:
         params = BlkParams(
             capacity=backend.size, queues=record.params.queues,
             queue_size=record.params.queue_size, readonly=readonly,
-            serial=record.volume_id[-20:],
+            serial=record.volume_id[-20:], qos=record.qos,
         )  # fmt: skip
         attachment = Attachment(
             record.volume_id, backend, params, sysfs.ATTACH_DRIVERS[record.params.attach],
@@ -267,6 +270,8 @@ class NodeVolumes:
         if fs_type == "xfs":
             options.append("nouuid")
         mounts.mount(device, target, fs_type, options)
+        if record.source is not None and not access.readonly:
+            mounts.grow_fs(device, target, fs_type)  # restored into a larger volume
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         target = _path_arg(staging_path, "staging_target_path")
@@ -330,7 +335,16 @@ class NodeVolumes:
                 )
             ro = readonly or access.readonly
             if not target.parent.is_dir():
-                raise NotFound(f"the parent directory of {target} does not exist")
+                raise FailedPrecondition(f"the parent directory of {target} does not exist")
+            others = [t for t in staged.published if t != str(target) and mounts.mount_at(Path(t))]
+            if access.single_publication and others:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published "
+                    f"at {', '.join(others)}"
+                )
+            if str(target) not in staged.published:  # intent first; a crash leaves no mount
+                staged.published.append(str(target))
+                self.staging.put(staged)
             if access.block:
                 self._publish_block(attached.device, target, ro)
             elif attached.vhost:
@@ -396,6 +410,11 @@ class NodeVolumes:
                 target.rmdir()
             elif target.exists():
                 target.unlink()
+            with contextlib.suppress(FailedPrecondition):  # an unreadable record keeps it
+                staged = self._staged(volume_id)
+                if staged is not None and str(target) in staged.published:
+                    staged.published.remove(str(target))
+                    self.staging.put(staged)
 
     # expansion and health
 
@@ -436,6 +455,31 @@ class NodeVolumes:
                 fs_type = record.fs_type or mounts.DEFAULT_FS
                 mounts.grow_fs(attached.device, Path(staged.staging_path), fs_type)
             return capacity
+
+    # for the controller, which holds the volume's lock
+
+    @contextlib.contextmanager
+    def quiesced(self, volume_id: str) -> Iterator[None]:
+        """The volume's image holds every write its guest was answered for, on stable
+        storage, and changes no more until the block ends (guest requests wait)."""
+        attached = self.attached.get(volume_id)
+        server = attached.attachment.server if attached else None
+        if server is not None:
+            with server.quiesced():
+                yield
+            return
+        if volume_id in vduse_devices():  # a device nobody serves yet changes nothing
+            log.info("%s: copied while its device waits to be served again", volume_id)
+        yield
+
+    def set_qos(self, volume_id: str, limits: QosLimits) -> bool:
+        """Applies the limits to the volume's data plane if it runs here; True if it does."""
+        attached = self.attached.get(volume_id)
+        server = attached.attachment.server if attached else None
+        if server is None:
+            return False
+        server.set_qos(limits)
+        return True
 
     def condition(self, volume_id: str) -> tuple[bool, str]:
         """(abnormal, message) as this node sees the volume."""

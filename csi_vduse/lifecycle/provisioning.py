@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
+from pydantic import ValidationError
+
+from csi_vduse.backends.file_copy import copy_image
 from csi_vduse.dataplane.blk_device import check_queues
-from csi_vduse.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_vduse.dataplane.qos import QosLimits
+from csi_vduse.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+)
 from csi_vduse.kernel.vduse import DEVICE_DIR
-from csi_vduse.lifecycle.capacity import available_bytes, ensure_space, pick_capacity
+from csi_vduse.lifecycle.capacity import (
+    available_bytes,
+    ensure_space,
+    exclusive,
+    pick_capacity,
+)
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.state.atomic import fsync_dir
 from csi_vduse.state.records import UnreadableRecord
@@ -23,9 +42,21 @@ from csi_vduse.state.volumes import (
     check_volume_id,
     volume_id_for,
 )
+from csi_vduse.units import parse_size
 
+if TYPE_CHECKING:
+    from csi_vduse.lifecycle.snapshots import Snapshots
+
+log = logging.getLogger(__name__)
+Source = tuple[Literal["snapshot", "volume"], str]
 MAX_NAME_BYTES = 128
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
+# StorageClass or VolumeAttributesClass parameter -> QosLimits field
+QOS_PARAMS = {
+    "readIOPS": "read_iops", "writeIOPS": "write_iops",
+    "readBytesPerSecond": "read_bps", "writeBytesPerSecond": "write_bps",
+    "burstMilliseconds": "burst_ms",
+}  # fmt: skip
 
 
 def parse_parameters(params: dict[str, str]) -> VolumeParams:
@@ -33,7 +64,7 @@ def parse_parameters(params: dict[str, str]) -> VolumeParams:
     own keys are ignored."""
     values: dict[str, object] = {}
     for key, raw in params.items():
-        if key.startswith(K8S_PARAM_PREFIX):
+        if key.startswith(K8S_PARAM_PREFIX) or key in QOS_PARAMS:
             continue
         if key == "provisioning":
             if raw not in ("thin", "thick"):
@@ -48,7 +79,8 @@ def parse_parameters(params: dict[str, str]) -> VolumeParams:
         field = {"queues": "queues", "queueSize": "queue_size"}.get(key)
         if field is None:
             raise InvalidArgument(
-                f"unknown parameter {key!r} (known: queues, queueSize, provisioning, attach)"
+                f"unknown parameter {key!r} (known: queues, queueSize, provisioning, attach, "
+                f"{', '.join(QOS_PARAMS)})"
             )
         try:
             values[field] = int(raw)
@@ -60,6 +92,36 @@ def parse_parameters(params: dict[str, str]) -> VolumeParams:
     except ValueError as e:
         raise InvalidArgument(f"parameters queues/queueSize: {e}") from None
     return result
+
+
+def parse_qos(
+    params: dict[str, str], base: QosLimits | None = None, only_qos: bool = True
+) -> QosLimits:
+    """QoS limits from `params` on top of `base`: a key not given keeps its value, 0 lifts
+    a limit. Byte rates take binary units (100Mi). With `only_qos` any other key is refused
+    (mutable parameters); without, other keys are left to parse_parameters."""
+    values = (base or QosLimits()).model_dump()
+    for key, raw in params.items():
+        field = QOS_PARAMS.get(key)
+        if field is None:
+            if only_qos:
+                raise InvalidArgument(
+                    f"parameter {key!r} cannot be changed (mutable: {', '.join(QOS_PARAMS)})"
+                )
+            continue
+        try:
+            value = parse_size(raw) if field.endswith("_bps") else int(raw)
+        except ValueError:
+            raise InvalidArgument(f"parameter {key}={raw!r} is not a whole number") from None
+        values[field] = value
+    try:
+        return QosLimits.model_validate(values)
+    except ValidationError as e:
+        names = {field: key for key, field in QOS_PARAMS.items()}
+        problems = "; ".join(
+            f"{names.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()
+        )
+        raise InvalidArgument(f"QoS parameters: {problems}") from None
 
 
 def fit_reason(params: VolumeParams, block: bool) -> str | None:
@@ -89,43 +151,109 @@ def volume_id_or_raise(volume_id: str) -> bool:
 
 
 class Provisioner:
-    def __init__(self, data_dir: Path, staging: StagingStore, locks: VolumeLocks) -> None:
+    def __init__(
+        self, data_dir: Path, staging: StagingStore, locks: VolumeLocks,
+        snapshots: Snapshots | None = None,
+        set_qos: Callable[[str, QosLimits], bool] | None = None,
+    ) -> None:  # fmt: skip
         self.data_dir = data_dir
         self.store = VolumeStore(data_dir)
         self.staging = staging
         self.locks = locks
-        self._space = threading.Lock()  # one reservation at a time: no space promised twice
+        self.snapshots = snapshots
+        self.set_qos = set_qos
+        self.space = snapshots.space if snapshots else threading.Lock()  # no space promised twice
 
     def available(self) -> int:
         self.store.ensure()
         return available_bytes(self.data_dir, self.store.root)
 
-    def create(self, name: str, required: int, limit: int, params: dict[str, str]) -> VolumeRecord:
+    def create(
+        self, name: str, required: int, limit: int, params: dict[str, str],
+        mutable: dict[str, str] | None = None, source: Source | None = None,
+    ) -> VolumeRecord:  # fmt: skip
+        """A new volume, empty or (`source`) holding a copy of a snapshot or a volume made
+        while that volume's data plane is quiesced."""
         check_name(name)
         volume_params = parse_parameters(params)
-        capacity = pick_capacity(required, limit)
+        qos = parse_qos(mutable or {}, parse_qos(params, only_qos=False))
         volume_id = volume_id_for(name)
         self.store.ensure()
         with self.locks.hold(volume_id):
             existing = self._get(volume_id)
             if existing is not None:
                 fits = required <= existing.capacity and (not limit or existing.capacity <= limit)
-                if not fits or existing.params != volume_params:
+                if not fits or existing.params != volume_params or existing.source != source:
                     raise AlreadyExists(
-                        f"volume {name} exists with {existing.capacity} bytes and "
-                        f"{existing.params}; the request asks for something else"
+                        f"volume {name} exists with {existing.capacity} bytes, "
+                        f"{existing.params} and source {existing.source}; the request asks "
+                        "for something else"
                     )
                 return existing
+            record = VolumeRecord(
+                volume_id=volume_id, name=name, capacity=0, params=volume_params, qos=qos,
+                source=source,
+            )  # fmt: skip
             image = self.store.image(volume_id)
             # An image without a record is a create that crashed: it never held data.
             image.unlink(missing_ok=True)
-            with self._space:
-                ensure_space(self.data_dir, self.store.root, capacity)
-                self._write_image(image, capacity, volume_params.provisioning == "thick")
-            record = VolumeRecord(
-                volume_id=volume_id, name=name, capacity=capacity, params=volume_params
-            )
+            if source is None:
+                record.capacity = pick_capacity(required, limit)
+                with exclusive(self.space):
+                    ensure_space(self.data_dir, self.store.root, record.capacity)
+                    self._write_image(image, record.capacity, volume_params.provisioning == "thick")
+            else:
+                self._copy_source(record, source, required, limit)
             self.store.put(record)
+            return record
+
+    def _copy_source(self, record: VolumeRecord, source: Source, required: int, limit: int) -> None:
+        kind, source_id = source
+        if self.snapshots is None:
+            raise InvalidArgument("this controller makes no volumes from sources")
+        with self.locks.hold(source_id):
+            if kind == "snapshot":
+                snapshot = self.snapshots.get(source_id)
+                origin, size = self.snapshots.store.image(source_id), snapshot.size
+                record.formatted, record.fs_type = snapshot.formatted, snapshot.fs_type
+                quiesce: AbstractContextManager[None] = contextlib.nullcontext()
+                reflink = True  # a snapshot is never written
+            else:
+                volume = self._get(source_id) if volume_id_or_raise(source_id) else None
+                if volume is None:
+                    raise NotFound(f"source volume {source_id} does not exist")
+                origin, size = self.store.image(source_id), volume.capacity
+                record.formatted, record.fs_type = volume.formatted, volume.fs_type
+                quiesce = self.snapshots.quiesce(source_id)
+                reflink = volume.params.provisioning != "thick"
+            record.capacity = pick_capacity(required, limit, default=size)
+            if record.capacity < size:
+                raise OutOfRange(
+                    f"the {kind} {source_id} holds {size} bytes, more than the "
+                    f"{record.capacity} asked for"
+                )
+            with exclusive(self.space):
+                ensure_space(self.data_dir, self.store.root, record.capacity)
+                how = copy_image(
+                    origin, self.store.image(record.volume_id), record.capacity,
+                    thick=record.params.provisioning == "thick", reflink=reflink, hold=quiesce,
+                )  # fmt: skip
+            log.info("%s: made from %s %s (%s)", record.volume_id, kind, source_id, how)
+
+    def modify(self, volume_id: str, mutable: dict[str, str]) -> VolumeRecord:
+        """New QoS limits, persisted first, then applied to the running data plane."""
+        if not volume_id_or_raise(volume_id):
+            raise NotFound(f"volume {volume_id} does not exist")
+        with self.locks.hold(volume_id):
+            record = self._get(volume_id)
+            if record is None:
+                raise NotFound(f"volume {volume_id} does not exist")
+            qos = parse_qos(mutable, record.qos)
+            if qos != record.qos:
+                record.qos = qos
+                self.store.put(record)
+            if self.set_qos is not None and self.set_qos(volume_id, qos):
+                log.info("%s: QoS now %s", volume_id, qos)
             return record
 
     @staticmethod
@@ -181,7 +309,7 @@ class Provisioner:
             if capacity <= record.capacity:
                 return record
             image = self.store.image(volume_id)
-            with self._space:
+            with exclusive(self.space):
                 ensure_space(self.data_dir, self.store.root, capacity - record.capacity)
                 fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
                 try:

@@ -21,9 +21,10 @@ class StageRecord(Record):
     mount_flags: list[str] = Field(default_factory=list)
     readonly: bool = False
     device: str = ""
+    published: list[str] = Field(default_factory=list)  # target paths, for single-writer
 
     def same_stage(self, other: StageRecord) -> bool:
-        ignore = {"device", "version"}
+        ignore = {"device", "version", "published"}
         return self.model_dump(exclude=ignore) == other.model_dump(exclude=ignore)
 
 

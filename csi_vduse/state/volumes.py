@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.state.atomic import fsync_dir, remove_durably, write_atomic
 from csi_vduse.state.records import Record, UnreadableRecord, load
 
@@ -62,6 +63,9 @@ class VolumeRecord(Record):
     created_at: float = 0.0
     formatted: bool = False
     fs_type: str | None = None
+    qos: QosLimits = QosLimits()
+    # what the volume was made from: ("snapshot" | "volume", id)
+    source: tuple[Literal["snapshot", "volume"], str] | None = None
 
 
 class VolumeStore:

@@ -345,6 +345,14 @@ def go_components(v: dict[str, str]) -> list[GoComponent]:
             version_ldflags=("main.version={version}",),
         ),
         GoComponent(
+            "external-snapshotter",
+            "github.com/kubernetes-csi/external-snapshotter/v8",
+            v["EXTERNAL_SNAPSHOTTER_VERSION"],
+            ("cmd/csi-snapshotter", "cmd/snapshot-controller"),
+            version_ldflags=("main.version={version}",),
+            local_replace_version=v["EXTERNAL_SNAPSHOTTER_VERSION"],  # its client/v8 module
+        ),
+        GoComponent(
             "csi-sanity",
             "github.com/kubernetes-csi/csi-test/v5",
             v["CSI_SANITY_VERSION"],

@@ -60,7 +60,10 @@ DPKG_OPTIONS = (
     "path-exclude=/usr/share/locale/*",
 )
 # Sidecar binary -> the tests.cluster.build component that builds it.
-SIDECARS = {"csi-provisioner": "external-provisioner", "csi-resizer": "external-resizer"}
+SIDECARS = {
+    "csi-provisioner": "external-provisioner", "csi-resizer": "external-resizer",
+    "csi-snapshotter": "external-snapshotter",
+}  # fmt: skip
 # The plugin build trusts what the host trusts (here: a TLS-intercepting egress proxy's CA).
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 

@@ -140,6 +140,21 @@ class Node:
                 start_new_session=True, env=env,
             )  # fmt: skip
 
+    def install_snapshot_addon(self, crds: list[Path]) -> None:
+        """What a cluster admin installs before snapshots work: the VolumeSnapshot CRDs and
+        snapshot-controller, labelling each content with its volume's node for the
+        node-local csi-snapshotter."""
+        assert self.plane is not None
+        for crd in crds:
+            self.kubectl("apply", "-f", str(crd))
+        names = [f"crd/{c.stem.split('_', 1)[1]}.snapshot.storage.k8s.io" for c in crds]
+        self.kubectl("wait", "--for=condition=established", "--timeout=120s", *names)
+        kubeconfig = self.plane.admin_kubeconfig
+        self._spawn("snapshot-controller", [
+            str(component_path("snapshot-controller")), f"--kubeconfig={kubeconfig}",
+            "--leader-election=false", "--enable-distributed-snapshotting=true", "--v=2",
+        ])  # fmt: skip
+
     def check_alive(self) -> None:
         for name, proc in self.processes.items():
             if proc.poll() is not None:

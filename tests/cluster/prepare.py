@@ -9,17 +9,27 @@ import json
 import os
 from pathlib import Path
 
-from tests.cluster.build import ensure_components
-from tests.cluster.images import ensure_images
+from tests.cluster.build import ensure_components, read_versions
+from tests.cluster.images import ensure_images, module_dir
 
 IMAGES_ENV = "CSI_VDUSE_CLUSTER_IMAGES"
+SNAPSHOT_CRDS_ENV = "CSI_VDUSE_SNAPSHOT_CRDS"
+SNAPSHOT_CLIENT = "github.com/kubernetes-csi/external-snapshotter/client/v8"
 
 
 def prepare() -> dict[str, str]:
     """Builds what is missing; the environment the guest's tests need."""
     ensure_components()
     images = {name: str(path) for name, path in ensure_images().items()}
-    return {IMAGES_ENV: json.dumps(images)}
+    version = read_versions()["EXTERNAL_SNAPSHOTTER_VERSION"]
+    crds = module_dir(SNAPSHOT_CLIENT, version) / "config" / "crd"
+    return {IMAGES_ENV: json.dumps(images), SNAPSHOT_CRDS_ENV: str(crds)}
+
+
+def snapshot_crds() -> list[Path]:
+    """In the guest: the VolumeSnapshot API's CRDs (not the group snapshots')."""
+    crds = Path(os.environ[SNAPSHOT_CRDS_ENV])
+    return sorted(crds.glob("snapshot.storage.k8s.io_*.yaml"))
 
 
 def lab_images() -> dict[str, Path]:

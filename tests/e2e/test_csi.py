@@ -317,3 +317,29 @@ def test_plugin_restart_keeps_serving_and_no_io_fails(plugin: Plugin, workdir: P
     assert read_direct(Path(device), MiB) == before
     unstage(plugin, vid, staging)
     assert device_count() == 0
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_a_single_writer_volume_is_published_once(
+    plugin: Plugin, workdir: Path, block: bool
+) -> None:
+    cap = (block_cap if block else mount_cap)(mode=Mode.SINGLE_NODE_SINGLE_WRITER)
+    vid = create(plugin, "pvc-single", cap)
+    staging = workdir / "staging"
+    staging.mkdir()
+    stage(plugin, vid, staging, cap)
+    first, second = workdir / "pod-a" / "t", workdir / "pod-b" / "t"
+    for t in (first, second):
+        t.parent.mkdir()
+    publish(plugin, vid, staging, first, cap)
+    publish(plugin, vid, staging, first, cap)  # the same publication again: fine
+    code, message = error_of(lambda: publish(plugin, vid, staging, second, cap))
+    assert code == C.FAILED_PRECONDITION and str(first) in message
+    assert not second.exists()
+    code = code_of(lambda: publish(plugin, vid, staging, workdir / "gone" / "t", cap))
+    assert code == C.FAILED_PRECONDITION  # a missing parent is not a missing volume
+    unpublish(plugin, vid, first)
+    publish(plugin, vid, staging, second, cap)  # once the first is gone
+    unpublish(plugin, vid, second)
+    unstage(plugin, vid, staging)
+    plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))

@@ -322,4 +322,11 @@ def test_health_and_metrics(plugin: Plugin, workdir: Path) -> None:
     ]  # fmt: skip
     assert writes and float(writes[0].split()[-1]) > 0
     assert f'csi_vduse_queues_stopped{{volume="{vid}"}} 0.0' in metrics
+    served = [
+        float(line.split()[-1]) for line in metrics.splitlines()
+        if line.startswith(f'csi_vduse_request_seconds_count{{volume="{vid}"}}')
+    ]  # fmt: skip
+    assert served and served[0] >= 1  # the 1 MiB written went through the histogram
+    assert f'csi_vduse_request_seconds_bucket{{le="+Inf",volume="{vid}"}} {served[0]}' in metrics
+    assert f'csi_vduse_requests_in_flight{{volume="{vid}"}}' in metrics
     unstage(plugin, vid, staging)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,14 @@ from kubernetes.stream import stream
 
 from tests.cluster.images import image_reference
 from tests.cluster.node import NODE_NAME, Node
+from tests.cluster.prepare import snapshot_crds
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "kube-system"
 RELEASE = "csi-vduse"
 DRIVER = "vduse.csi.dev"
 EXAMPLE_IMAGE = "busybox:1.36.1"  # the examples name Docker Hub's; the lab has none
+QOS_CLASSES = {"vduse-slow": 100, "vduse-fast": 250}  # write IOPS
 
 
 class Cluster:
@@ -39,6 +42,7 @@ class Cluster:
         self.core: Any = client.CoreV1Api()
         self.apps: Any = client.AppsV1Api()
         self.storage: Any = client.StorageV1Api()
+        self.custom: Any = client.CustomObjectsApi()
         self.images: dict[str, str] = {}
 
     def helm(self, *args: str) -> str:
@@ -50,10 +54,11 @@ class Cluster:
         return result.stdout
 
     def apply(self, manifest: str) -> None:
-        subprocess.run(
+        result = subprocess.run(
             [str(self.node.bins["kubectl"]), f"--kubeconfig={self.kubeconfig}", "apply", "-f", "-"],
-            input=manifest, text=True, check=True, capture_output=True,
+            input=manifest, text=True, capture_output=True,
         )  # fmt: skip
+        assert result.returncode == 0, result.stderr
 
     def example(self, name: str) -> str:
         """An example manifest as an air-gapped user applies it: the image swapped for the
@@ -110,8 +115,13 @@ def chart_values(k8s: Cluster, **extra: Any) -> list[str]:
         "kubeletDir": str(k8s.node.kubelet_dir),
         "dataDir": str(k8s.node.workdir / "csi-vduse-data"),
         "images": {"plugin": image("csi-vduse"), "provisioner": image("csi-provisioner"),
-                   "resizer": image("csi-resizer")},
+                   "resizer": image("csi-resizer"), "snapshotter": image("csi-snapshotter")},
+        "snapshotter": {"enabled": True},
         "logLevel": "debug",
+        "volumeAttributesClasses": [
+            {"name": name, "parameters": {"writeIOPS": iops, "burstMilliseconds": 100}}
+            for name, iops in QOS_CLASSES.items()
+        ],
         **extra,
     }  # fmt: skip
     path = k8s.node.workdir / "values.yaml"
@@ -120,6 +130,7 @@ def chart_values(k8s: Cluster, **extra: Any) -> list[str]:
 
 
 def test_1_helm_install(k8s: Cluster) -> None:
+    k8s.node.install_snapshot_addon(snapshot_crds())  # the admin's part, before the chart
     k8s.helm("install", RELEASE, str(REPO / "charts" / "csi-vduse"), "--namespace", NAMESPACE,
              *chart_values(k8s))  # fmt: skip
     wait("the plugin pod to be Ready", lambda: [p for p in k8s.plugin_pods() if ready(p)])
@@ -243,6 +254,141 @@ def fio_pod(k8s: Cluster) -> str:
     return yaml.safe_dump_all([claim, pod])  # fmt: skip
 
 
+def qos_pod(k8s: Cluster) -> str:
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "vduse-qos"},
+             "spec": {"storageClassName": "csi-vduse-block", "volumeMode": "Block",
+                      "volumeAttributesClassName": "vduse-slow",
+                      "accessModes": ["ReadWriteOnce"],
+                      "resources": {"requests": {"storage": "128Mi"}}}}  # fmt: skip
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vduse-qos"},
+           "spec": {"containers": [{
+               "name": "fio", "image": k8s.images["fio"], "command": ["sh", "-c", "sleep 3600"],
+               "volumeDevices": [{"name": "disk", "devicePath": "/dev/xvda"}]}],
+               "volumes": [{"name": "disk", "persistentVolumeClaim": {"claimName": "vduse-qos"}}],
+           }}  # fmt: skip
+    return yaml.safe_dump_all([claim, pod])
+
+
+def write_iops(k8s: Cluster) -> float:
+    out = k8s.exec("vduse-qos", (
+        "fio --name=qos --filename=/dev/xvda --direct=1 --ioengine=libaio --rw=randwrite "
+        "--bs=4k --iodepth=8 --time_based --runtime=10 --ramp_time=1 --size=64M "
+        "--output-format=json"
+    ))  # fmt: skip
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0
+    return float(job["write"]["iops"])
+
+
+def test_5b_a_volume_attributes_class_change_applies_to_the_running_pod(k8s: Cluster) -> None:
+    k8s.apply(qos_pod(k8s))
+    wait("the QoS pod to run", lambda: k8s.pod_phase("vduse-qos") == "Running")
+    iops = write_iops(k8s)
+    assert abs(iops - QOS_CLASSES["vduse-slow"]) <= 0.1 * QOS_CLASSES["vduse-slow"], iops
+    k8s.core.patch_namespaced_persistent_volume_claim(
+        "vduse-qos", "default", {"spec": {"volumeAttributesClassName": "vduse-fast"}}
+    )
+
+    def current_class() -> str:
+        claim = k8s.core.read_namespaced_persistent_volume_claim("vduse-qos", "default")
+        return str(claim.status.current_volume_attributes_class_name)
+
+    wait("the claim to report the new class", lambda: current_class() == "vduse-fast")
+    iops = write_iops(k8s)
+    assert abs(iops - QOS_CLASSES["vduse-fast"]) <= 0.1 * QOS_CLASSES["vduse-fast"], iops
+    assert k8s.pod_phase("vduse-qos") == "Running"  # the same pod, never restarted
+
+    # the plugin's metrics endpoint shows the volume's I/O and the time QoS held it back
+    volume = k8s.core.read_namespaced_persistent_volume_claim(
+        "vduse-qos", "default"
+    ).spec.volume_name
+    handle = k8s.core.read_persistent_volume(volume).spec.csi.volume_handle
+    with urllib.request.urlopen("http://127.0.0.1:9810/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+
+    def sample(name: str, *labels: str) -> float:
+        found = [
+            float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith(name + "{") and all(label in line for label in labels)
+        ]  # fmt: skip
+        assert len(found) == 1, (name, labels)
+        return found[0]
+
+    assert sample("csi_vduse_requests_total", f'volume="{handle}"', 'type="write"') > 1000
+    assert sample("csi_vduse_qos_throttled_seconds_total", f'volume="{handle}"') > 1
+
+
+def claim(name: str, size: str, source: dict[str, str] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"storageClassName": "csi-vduse", "accessModes": ["ReadWriteOnce"],
+                            "resources": {"requests": {"storage": size}}}  # fmt: skip
+    if source:
+        spec["dataSource"] = source
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+            "spec": spec}  # fmt: skip
+
+
+def image_of(k8s: Cluster, claim_name: str) -> Path:
+    volume = k8s.core.read_namespaced_persistent_volume_claim(
+        claim_name, "default"
+    ).spec.volume_name
+    handle = k8s.core.read_persistent_volume(volume).spec.csi.volume_handle
+    return k8s.node.workdir / "csi-vduse-data" / "volumes" / f"{handle}.img"
+
+
+def test_5c_a_snapshot_under_write_load_restores_clean_and_a_clone_reads(k8s: Cluster) -> None:
+    writer = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vduse-snap-writer"},
+              "spec": {"restartPolicy": "Never", "containers": [{
+                  "name": "fio", "image": k8s.images["fio"], "command": ["sh", "-c", (
+                      "echo synced-before > /data/before && sync && "
+                      "fio --name=w --directory=/data --rw=randwrite --bs=4k --size=32M "
+                      "--numjobs=2 --ioengine=psync --fsync=16 --time_based --runtime=150 "
+                      "--verify=crc32c --verify_fatal=1 --output-format=json")],
+                  "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                  "volumes": [{"name": "data", "persistentVolumeClaim": {
+                      "claimName": "vduse-snap-src"}}]}}  # fmt: skip
+    k8s.apply(yaml.safe_dump_all([claim("vduse-snap-src", "256Mi"), writer]))
+    wait("the writer to run", lambda: k8s.pod_phase("vduse-snap-writer") == "Running")
+    time.sleep(15)
+    snapshot = {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                "metadata": {"name": "vduse-snap"},
+                "spec": {"volumeSnapshotClassName": "csi-vduse",
+                         "source": {"persistentVolumeClaimName": "vduse-snap-src"}}}  # fmt: skip
+    k8s.apply(yaml.safe_dump(snapshot))
+    wait("the snapshot to be ready", lambda: (k8s.custom.get_namespaced_custom_object(
+        "snapshot.storage.k8s.io", "v1", "default", "volumesnapshots", "vduse-snap",
+    ).get("status") or {}).get("readyToUse"))  # fmt: skip
+    clone = claim("vduse-snap-clone", "256Mi", {"kind": "PersistentVolumeClaim",
+                                                "name": "vduse-snap-src"})  # fmt: skip
+    restored = claim(
+        "vduse-snap-restored",
+        "512Mi",
+        {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "vduse-snap"},
+    )
+    k8s.apply(yaml.safe_dump_all([clone, restored]))
+    k8s.apply(reader_pod(k8s, "vduse-clone-reader", "vduse-snap-clone"))
+    k8s.apply(reader_pod(k8s, "vduse-restore-reader", "vduse-snap-restored"))
+    for pod in ("vduse-clone-reader", "vduse-restore-reader"):
+        wait(f"{pod} to run", lambda pod=pod: k8s.pod_phase(pod) == "Running")  # type: ignore[misc]
+        assert k8s.exec(pod, "cat /data/before").strip() == "synced-before"
+    assert k8s.pod_phase("vduse-snap-writer") == "Running", "fio ended before the copies"
+    size = int(k8s.exec("vduse-restore-reader", "df -k /data | tail -1").split()[1])
+    assert size > 400 * 1024  # restored into a larger claim: the file system grew
+
+    phase = wait("the writer to finish", lambda: k8s.pod_phase("vduse-snap-writer") in (
+        "Succeeded", "Failed") and k8s.pod_phase("vduse-snap-writer"), timeout=900)  # fmt: skip
+    log = k8s.core.read_namespaced_pod_log("vduse-snap-writer", "default")
+    report = json.loads(log[log.index("{") :])
+    assert phase == "Succeeded" and all(job["error"] == 0 for job in report["jobs"]), log[-3000:]
+
+    # unmounted (the kubelet unstaged it), the restored image's file system checks clean
+    image = image_of(k8s, "vduse-snap-restored")
+    k8s.core.delete_namespaced_pod("vduse-restore-reader", "default")
+    staged = Path("/run/csi-vduse/staged") / f"{image.stem}.json"
+    wait("the restored volume to be unstaged", lambda: not staged.exists())
+    check = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_6_upgrade_to_changed_values(k8s: Cluster) -> None:
     k8s.helm("upgrade", RELEASE, str(REPO / "charts" / "csi-vduse"), "--namespace", NAMESPACE,
              *chart_values(k8s, maxVolumesPerNode=16, logLevel="info"))  # fmt: skip
@@ -262,10 +408,17 @@ def test_6_upgrade_to_changed_values(k8s: Cluster) -> None:
 
 
 def test_7_deleting_claims_removes_volumes_and_uninstall_leaves_nothing(k8s: Cluster) -> None:
-    for pod in ("vduse-fs-reader", "vduse-block-user", "vduse-fio"):
+    for pod in ("vduse-fs-reader", "vduse-block-user", "vduse-fio", "vduse-qos",
+                "vduse-snap-writer", "vduse-clone-reader"):  # fmt: skip
         k8s.core.delete_namespaced_pod(pod, "default")
-    for claim in ("vduse-fs", "vduse-block", "vduse-fio"):
-        k8s.core.delete_namespaced_persistent_volume_claim(claim, "default")
+    k8s.custom.delete_namespaced_custom_object(
+        "snapshot.storage.k8s.io", "v1", "default", "volumesnapshots", "vduse-snap"
+    )
+    snapshots = k8s.node.workdir / "csi-vduse-data" / "snapshots"
+    wait("the snapshot's image to be gone", lambda: not list(snapshots.glob("*.img")))
+    for name in ("vduse-fs", "vduse-block", "vduse-fio", "vduse-qos", "vduse-snap-src",
+                 "vduse-snap-clone", "vduse-snap-restored"):  # fmt: skip
+        k8s.core.delete_namespaced_persistent_volume_claim(name, "default")
     wait("every volume to be deleted", lambda: not k8s.core.list_persistent_volume().items)
     images = k8s.node.workdir / "csi-vduse-data" / "volumes"
     wait("every image to be gone", lambda: not list(images.glob("*.img")))

@@ -37,6 +37,7 @@ import csi_vduse.csi.server
 from csi_vduse import cli
 from csi_vduse.config import ServeConfig
 from csi_vduse.health import HealthServer
+from csi_vduse.lifecycle.provisioning import parse_parameters, parse_qos
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "csi-vduse"
@@ -51,10 +52,15 @@ Obj = dict[str, Any]
 # Install order of the kinds the chart renders (the order of manifests/csi-vduse.yaml).
 KIND_ORDER = (
     "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-    "CSIDriver", "StorageClass", "DaemonSet",
+    "CSIDriver", "StorageClass", "Service", "DaemonSet",
+    # Helm installs the kinds it does not know last
+    "VolumeAttributesClass", "VolumeSnapshotClass", "PodMonitor",
 )  # fmt: skip
-NAMESPACED = {"ServiceAccount", "Role", "RoleBinding", "DaemonSet"}
-SIDECARS = ("csi-provisioner", "csi-resizer")
+# not in the Kubernetes schemas: the snapshot add-on's and the Prometheus Operator's
+CRD_KINDS = {"VolumeSnapshotClass", "PodMonitor"}
+VAC_SINCE = (1, 34)  # storage.k8s.io/v1 VolumeAttributesClass
+NAMESPACED = {"ServiceAccount", "Role", "RoleBinding", "DaemonSet", "Service", "PodMonitor"}
+SIDECARS = ("csi-provisioner", "csi-resizer", "csi-snapshotter")
 
 # Every option switched on or away from its default.
 ALL_ON: Obj = {
@@ -69,7 +75,7 @@ ALL_ON: Obj = {
     "maxVolumesPerNode": 128,
     "defaultFsType": "xfs",
     "storageCapacity": True,
-    "csiDriver": {"attachRequired": True, "fsGroupPolicy": "ReadWriteOnceWithFSType"},
+    "csiDriver": {"fsGroupPolicy": "ReadWriteOnceWithFSType"},
     "images": {
         "plugin": {
             "repository": "registry.example.com/storage/csi-vduse",
@@ -84,6 +90,15 @@ ALL_ON: Obj = {
     },
     "imagePullSecrets": [{"name": "regcred"}],
     "resizer": {"enabled": True},
+    "snapshotter": {"enabled": True},
+    "metrics": {
+        "service": {"enabled": True},
+        "podMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}},
+    },
+    "volumeSnapshotClasses": [
+        {"name": "vduse-snap", "isDefault": True, "deletionPolicy": "Retain"},
+        {"name": "vduse-snap-delete"},
+    ],
     "serviceAccount": {
         "create": True,
         "name": "vduse-node",
@@ -92,7 +107,7 @@ ALL_ON: Obj = {
     "pluginHealthPort": 19810,
     "resources": {
         name: {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
-        for name in ("plugin", "provisioner", "resizer")
+        for name in ("plugin", "provisioner", "resizer", "snapshotter")
     },
     "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
     "priorityClassName": "system-cluster-critical",
@@ -121,7 +136,7 @@ ALL_ON: Obj = {
             "mountOptions": ["noatime", "discard"],
             "labels": {"example.com/tier": "local"},
             "annotations": {"example.com/note": "node-local"},
-            "parameters": {"queues": 4, "queueSize": 1024},
+            "parameters": {"queues": 4, "queueSize": 1024, "writeIOPS": 5000},
         },
         {
             "name": "vduse-raw",
@@ -130,8 +145,14 @@ ALL_ON: Obj = {
                 "queueSize": 4,
                 "provisioning": "thick",
                 "attach": "vhost-vdpa",
+                "readBytesPerSecond": "200Mi",
+                "burstMilliseconds": "250",
             },
         },
+    ],
+    "volumeAttributesClasses": [
+        {"name": "vduse-gold", "parameters": {"readIOPS": 20000, "writeBytesPerSecond": "1Gi"}},
+        {"name": "vduse-unlimited", "parameters": {"readIOPS": 0, "writeIOPS": "0"}},
     ],
 }
 
@@ -288,6 +309,11 @@ def test_objects_validate_against_kubernetes(name: str, kube_version: str) -> No
     objs = objects(VALUE_SETS[name])
     assert objs
     for obj in objs:
+        major, minor, *_ = kube_version.split(".")
+        if obj["kind"] == "VolumeAttributesClass" and (int(major), int(minor)) < VAC_SINCE:
+            continue  # the chart's values document that these need Kubernetes 1.34
+        if obj["kind"] in CRD_KINDS:
+            continue
         try:
             kubernetes_validate.validate(obj, kube_version, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -322,6 +348,15 @@ def test_kube_version_range_is_covered_by_the_schemas() -> None:
         ({"storageClasses": [{"name": "x", "parameters": {"queues": 65}}]}, "queues"),
         ({"storageClasses": [{"name": "x", "parameters": {"attach": "vhost"}}]}, "attach"),
         ({"storageClasses": [{"name": "x", "fsType": "btrfs"}]}, "fsType"),
+        ({"storageClasses": [{"name": "x", "parameters": {"readIOPS": -1}}]}, "readIOPS"),
+        (
+            {"storageClasses": [{"name": "x", "parameters": {"writeBytesPerSecond": "fast"}}]},
+            "writeBytesPerSecond",
+        ),
+        ({"volumeAttributesClasses": [{"name": "x", "parameters": {"queues": 2}}]}, "queues"),
+        ({"volumeAttributesClasses": [{"name": "x", "parameters": {}}]}, "parameters"),
+        # impossible settings are not settings
+        ({"csiDriver": {"attachRequired": True}}, "attachRequired"),
         ({"images": {"provisioner": {"repository": "r", "tag": "latest"}}}, "tag"),
         ({"images": {"plugin": {"repository": "r", "tag": "latest"}}}, "tag"),
         ({"updateStrategy": {"type": "Recreate"}}, "updateStrategy"),
@@ -461,7 +496,9 @@ def test_one_socket_shared_by_plugin_sidecars_and_kubelet(name: str) -> None:
     assert socket == kubelet_socket
 
     sidecars = [s for s in SIDECARS if s in by_name]
-    assert sidecars == [s for s in SIDECARS if s != "csi-resizer" or values["resizer"]["enabled"]]
+    switched = {"csi-resizer": values["resizer"]["enabled"],
+                "csi-snapshotter": values["snapshotter"]["enabled"]}  # fmt: skip
+    assert sidecars == [s for s in SIDECARS if switched.get(s, True)]
     for sidecar in sidecars:
         address = flag(by_name[sidecar]["args"], "--csi-address")
         assert host_mount(spec, by_name[sidecar], address)[0] == socket, sidecar
@@ -486,7 +523,7 @@ def test_plugin_registers_itself_where_the_kubelet_watches(name: str) -> None:
     host, _ = host_mount(spec, plugin, str(config.registration_socket))
     registry = f"{values['kubeletDir']}/plugins_registry"
     assert host == f"{registry}/{values['driverName']}-reg.sock"
-    volume = next(v for v in spec["volumes"] if v["hostPath"]["path"] == registry)
+    volume = next(v for v in spec["volumes"] if v.get("hostPath", {}).get("path") == registry)
     assert volume["hostPath"]["type"] == "Directory", "the kubelet creates it; never guess it"
     others = [c["name"] for c in by_name.values() if c is not plugin and any(
         m["name"] == volume["name"] for m in c.get("volumeMounts", []))]  # fmt: skip
@@ -529,7 +566,9 @@ def test_plugin_sees_every_host_path_it_uses(name: str) -> None:
             assert mount.get("mountPropagation") == propagation, path
     for option, value in (("--state-dir", values["stateDir"]), ("--data-dir", values["dataDir"])):
         assert flag(plugin["args"], option) == value
-    state = next(v for v in spec["volumes"] if v["hostPath"]["path"] == values["stateDir"])
+    state = next(
+        v for v in spec["volumes"] if v.get("hostPath", {}).get("path") == values["stateDir"]
+    )
     assert state["hostPath"]["type"] == "DirectoryOrCreate"
 
 
@@ -581,10 +620,12 @@ def test_provisioner_runs_per_node(name: str) -> None:
     provisioner = containers(objs)["csi-provisioner"]
     args = provisioner["args"]
     for required in (
-        "--node-deployment=true", "--feature-gates=Topology=true", "--strict-topology=true",
+        "--node-deployment=true", "--strict-topology=true",
         "--immediate-topology=false", "--extra-create-metadata=true", "--leader-election=false",
     ):  # fmt: skip
         assert required in args
+    # Topology is GA; newer provisioners refuse the gate
+    assert not [a for a in args if a.startswith("--feature-gates")]
     assert flag(args, "--default-fstype") == values["defaultFsType"]
     env = {e["name"]: e for e in provisioner["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -641,7 +682,7 @@ def test_csidriver(name: str) -> None:
     driver = one(objects(VALUE_SETS[name]), "CSIDriver")
     assert driver["metadata"]["name"] == values["driverName"]
     spec = driver["spec"]
-    assert spec["attachRequired"] is values["csiDriver"]["attachRequired"]
+    assert spec["attachRequired"] is False
     assert spec["fsGroupPolicy"] == values["csiDriver"]["fsGroupPolicy"]
     assert spec["volumeLifecycleModes"] == ["Persistent"]
 
@@ -661,13 +702,13 @@ def test_storage_classes(name: str) -> None:
         sc = classes[wanted["name"]]
         assert sc["provisioner"] == values["driverName"]
         assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
-        assert sc["allowVolumeExpansion"] is wanted.get("allowVolumeExpansion", True)
+        expand = wanted.get("allowVolumeExpansion", values["resizer"]["enabled"])
+        assert sc["allowVolumeExpansion"] is expand
         params = sc.get("parameters", {})
         assert all(isinstance(v, str) for v in params.values())
-        assert params.get("csi.storage.k8s.io/fstype") == wanted.get("fsType")
-        for key in ("queues", "queueSize", "provisioning"):
-            expected = wanted.get("parameters", {}).get(key)
-            assert params.get(key) == (None if expected is None else str(expected))
+        assert params.pop("csi.storage.k8s.io/fstype", None) == wanted.get("fsType")
+        assert params == {k: str(v) for k, v in wanted.get("parameters", {}).items()}
+        assert parse_parameters(params) and parse_qos(params, only_qos=False)  # all known
         default = (
             sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class")
         )
@@ -682,6 +723,134 @@ def test_default_storage_classes_cover_filesystem_and_block() -> None:
     assert fs_types == {"csi-vduse": "ext4", "csi-vduse-block": None}
     for sc in classes.values():
         assert sc["allowVolumeExpansion"] is True
+        # one queue: what the benchmark measured fastest on small nodes (README: Performance)
+        assert "queues" not in sc.get("parameters", {})
+
+
+def test_no_expansion_is_offered_without_a_resizer() -> None:
+    values = {"resizer": {"enabled": False}, "storageClasses": [{"name": "x"}]}
+    assert one(objects(values), "StorageClass")["allowVolumeExpansion"] is False
+    values["storageClasses"] = [{"name": "x", "allowVolumeExpansion": True}]
+    with pytest.raises(helm.HelmError) as err:
+        render(values)
+    assert "resizer.enabled" in str(err.value)
+    vac = {"name": "x", "parameters": {"readIOPS": 1}}
+    values = {"resizer": {"enabled": False}, "volumeAttributesClasses": [vac]}
+    with pytest.raises(helm.HelmError) as err:
+        render(values)
+    assert "resizer.enabled" in str(err.value)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_volume_attributes_classes(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    classes = of_kind(objects(VALUE_SETS[name]), "VolumeAttributesClass")
+    assert [c["metadata"]["name"] for c in classes] == [
+        c["name"] for c in values.get("volumeAttributesClasses", [])
+    ]
+    for vac, wanted in zip(classes, values.get("volumeAttributesClasses", []), strict=True):
+        assert vac["driverName"] == values["driverName"]
+        assert vac["parameters"] == {k: str(v) for k, v in wanted["parameters"].items()}
+        parse_qos(vac["parameters"])  # every one a mutable parameter the driver takes
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_snapshotter_runs_per_node_with_its_classes(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    objs = objects(VALUE_SETS[name])
+    enabled = values["snapshotter"]["enabled"]
+    sidecar = containers(objs).get("csi-snapshotter")
+    assert (sidecar is not None) is enabled
+    classes = of_kind(objs, "VolumeSnapshotClass")
+    roles = [
+        o for o in of_kind(objs, "ClusterRole") if o["metadata"]["name"].endswith("-snapshotter")
+    ]
+    assert bool(roles) is enabled
+    if not enabled:
+        assert not classes
+        return
+    assert sidecar is not None
+    args = sidecar["args"]
+    for required in ("--node-deployment=true", "--leader-election=false"):
+        assert required in args
+    env = {e["name"]: e for e in sidecar["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert [c["metadata"]["name"] for c in classes] == sorted(
+        c["name"] for c in values["volumeSnapshotClasses"]
+    )
+    for vsc in classes:
+        wanted = next(
+            c for c in values["volumeSnapshotClasses"] if c["name"] == vsc["metadata"]["name"]
+        )
+        assert vsc["driver"] == values["driverName"]
+        assert vsc["deletionPolicy"] == wanted.get("deletionPolicy", "Delete")
+        default = (
+            vsc["metadata"]
+            .get("annotations", {})
+            .get("snapshot.storage.kubernetes.io/is-default-class")
+        )
+        assert default == ("true" if wanted.get("isDefault") else None)
+    rules = {(g, r): set(rule["verbs"]) for rule in roles[0]["rules"]
+             for g in rule["apiGroups"] for r in rule["resources"]}  # fmt: skip
+    assert rules[("snapshot.storage.k8s.io", "volumesnapshotcontents/status")] == {
+        "update",
+        "patch",
+    }
+    assert "delete" not in rules[("snapshot.storage.k8s.io", "volumesnapshotcontents")]
+    # restores: the provisioner reads the snapshot and its content
+    provisioner = next(
+        o for o in of_kind(objs, "ClusterRole") if o["metadata"]["name"].endswith("-provisioner")
+    )
+    granted = {(g, r) for rule in provisioner["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"]}  # fmt: skip
+    assert {("snapshot.storage.k8s.io", "volumesnapshots"),
+            ("snapshot.storage.k8s.io", "volumesnapshotcontents")} <= granted  # fmt: skip
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_metrics_wiring_reaches_the_plugins_metrics_port(name: str) -> None:
+    values = merged(VALUE_SETS[name])
+    objs = objects(VALUE_SETS[name])
+    plugin = containers(objs)["csi-vduse"]
+    ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
+    assert ports["health"] == values["pluginHealthPort"]
+    assert flag(plugin["args"], "--health-address") == f":{values['pluginHealthPort']}"
+    pod_labels = pod_spec_labels(objs)
+    services = of_kind(objs, "Service")
+    assert bool(services) is values["metrics"]["service"]["enabled"]
+    for service in services:
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["health"]
+    monitors = of_kind(objs, "PodMonitor")
+    assert bool(monitors) is values["metrics"]["podMonitor"]["enabled"]
+    for monitor in monitors:
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+        assert (endpoint["port"], endpoint["path"]) == ("health", "/metrics")
+        assert (
+            values["metrics"]["podMonitor"]["labels"].items()
+            <= monitor["metadata"]["labels"].items()
+        )
+
+
+def pod_spec_labels(objs: list[Obj]) -> Obj:
+    labels: Obj = one(objs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_only_the_sidecars_get_an_api_token(name: str) -> None:
+    objs = objects(VALUE_SETS[name])
+    spec = pod_spec(objs)
+    assert spec["automountServiceAccountToken"] is False
+    token_path = "/var/run/secrets/kubernetes.io/serviceaccount"
+    for container_name, container in containers(objs).items():
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert (token_path in mounts) is (container_name in SIDECARS), container_name
+    (api,) = [v for v in spec["volumes"] if v["name"] == "api-token"]
+    kinds = [next(iter(source)) for source in api["projected"]["sources"]]
+    assert kinds == ["serviceAccountToken", "configMap", "downwardAPI"]
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -706,7 +875,10 @@ def test_update_strategy_defaults_to_on_delete_with_the_reason() -> None:
     assert "OnDelete" in comment and "re-attach" in comment and "I/O" in comment
 
 
-IMAGES = {"plugin": "csi-vduse", "provisioner": "csi-provisioner", "resizer": "csi-resizer"}
+IMAGES = {
+    "plugin": "csi-vduse", "provisioner": "csi-provisioner", "resizer": "csi-resizer",
+    "snapshotter": "csi-snapshotter",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -792,6 +964,17 @@ def test_examples_use_the_charts_storage_classes() -> None:
     pods = [o for o in objs if o["kind"] == "Pod"]
     assert any("volumeDevices" in c for p in pods for c in p["spec"]["containers"])
     assert vm["spec"]["template"]["spec"]["evictionStrategy"] == "None", "no live migration"
+    snapshot = one(objs, "VolumeSnapshot")
+    assert snapshot["spec"]["volumeSnapshotClassName"] == "csi-vduse"
+    assert snapshot["spec"]["volumeSnapshotClassName"] in [
+        c["name"] for c in merged(None)["volumeSnapshotClasses"]
+    ]
+    assert snapshot["spec"]["source"]["persistentVolumeClaimName"] in claims
+    restored = claims["vduse-fs-restored"]
+    assert restored["dataSource"]["name"] == snapshot["metadata"]["name"]
+    for vac in of_kind(objs, "VolumeAttributesClass"):
+        assert vac["driverName"] == merged(None)["driverName"]
+        parse_qos(vac["parameters"])
     profile = one(objs, "StorageProfile")
     assert profile["metadata"]["name"] in block_classes
     assert profile["spec"]["claimPropertySets"] == [

@@ -101,7 +101,19 @@ def test_capacity_range_semantics(plugin: Plugin) -> None:
         ({"capacity_range": pb.CapacityRange(required_bytes=1 << 60)}, C.OUT_OF_RANGE),
         ({"volume_content_source": pb.VolumeContentSource(
             snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id="s"))},
+         C.NOT_FOUND),
+        ({"volume_content_source": pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id="../x"))},
+         C.NOT_FOUND),
+        ({"volume_content_source": pb.VolumeContentSource(
+            volume=pb.VolumeContentSource.VolumeSource(volume_id="vduse-" + "0" * 40))},
+         C.NOT_FOUND),
+        ({"volume_content_source": pb.VolumeContentSource(
+            volume=pb.VolumeContentSource.VolumeSource(volume_id=""))},
          C.INVALID_ARGUMENT),
+        ({"mutable_parameters": {"queues": "2"}}, C.INVALID_ARGUMENT),
+        ({"mutable_parameters": {"readIOPS": "-5"}}, C.INVALID_ARGUMENT),
+        ({"parameters": {"writeBytesPerSecond": "fast"}}, C.INVALID_ARGUMENT),
         ({"accessibility_requirements": pb.TopologyRequirement(requisite=[
             pb.Topology(segments={"topology.vduse.csi.dev/node": "node-2"})])},
          C.RESOURCE_EXHAUSTED),
@@ -177,6 +189,149 @@ def test_list_volumes_pages(plugin: Plugin) -> None:
     assert code_of(lambda: plugin.controller.ListVolumes(bad)) == C.ABORTED
 
 
+def test_list_tokens_survive_volumes_that_come_and_go(plugin: Plugin) -> None:
+    ids = sorted(create(plugin, f"pvc-{i}").volume.volume_id for i in range(4))
+    first = plugin.controller.ListVolumes(pb.ListVolumesRequest(max_entries=2))
+    assert [e.volume.volume_id for e in first.entries] == ids[:2]
+    # the last volume of the page goes, and one that sorts before the token comes
+    plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=ids[1]))
+    added = ""
+    for i in range(100):
+        vid = create(plugin, f"pvc-new-{i}").volume.volume_id
+        if vid < ids[1]:
+            added = vid
+            break
+        plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+    assert added
+    rest = plugin.controller.ListVolumes(pb.ListVolumesRequest(starting_token=first.next_token))
+    assert [e.volume.volume_id for e in rest.entries] == ids[2:]  # nothing skipped or repeated
+    assert not rest.next_token
+
+
+def test_validate_answers_unknown_parameters_as_not_confirmed(plugin: Plugin) -> None:
+    vol = create(plugin, "pvc-params").volume
+    answer = plugin.controller.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=vol.volume_id, volume_capabilities=[mount_cap()],
+        parameters={"colour": "blue"},
+    ))  # fmt: skip
+    assert not answer.HasField("confirmed") and "colour" in answer.message
+
+
+def image_of(p: Plugin, volume_id: str) -> Path:
+    return p.root / "data" / "volumes" / f"{volume_id}.img"
+
+
+def snapshot(p: Plugin, name: str, volume_id: str) -> pb.Snapshot:
+    req = pb.CreateSnapshotRequest(name=name, source_volume_id=volume_id)
+    made: pb.Snapshot = p.controller.CreateSnapshot(req).snapshot
+    return made
+
+
+def test_snapshot_restore_and_clone_copy_the_data(plugin: Plugin) -> None:
+    vol = create(plugin, "pvc-src", 8 * MiB).volume
+    with open(image_of(plugin, vol.volume_id), "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(b"before the snapshot")
+    snap = snapshot(plugin, "snap-1", vol.volume_id)
+    assert snap.ready_to_use and snap.size_bytes == 8 * MiB
+    assert snap.source_volume_id == vol.volume_id and snap.creation_time.seconds > 0
+    assert snapshot(plugin, "snap-1", vol.volume_id) == snap  # idempotent
+    with open(image_of(plugin, vol.volume_id), "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(b"after  the snapshot")
+
+    source = pb.VolumeContentSource(
+        snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)
+    )
+    restored = create(plugin, "pvc-restored", 16 * MiB, volume_content_source=source).volume
+    assert restored.content_source.snapshot.snapshot_id == snap.snapshot_id
+    assert restored.capacity_bytes == 16 * MiB
+    data = image_of(plugin, restored.volume_id).read_bytes()
+    assert len(data) == 16 * MiB and data[3 * MiB : 3 * MiB + 19] == b"before the snapshot"
+    assert image_of(plugin, restored.volume_id).stat().st_blocks < 1024  # still sparse
+
+    clone_source = pb.VolumeContentSource(
+        volume=pb.VolumeContentSource.VolumeSource(volume_id=vol.volume_id)
+    )
+    clone = create(plugin, "pvc-clone", 8 * MiB, volume_content_source=clone_source).volume
+    data = image_of(plugin, clone.volume_id).read_bytes()
+    assert data[3 * MiB : 3 * MiB + 19] == b"after  the snapshot"
+    # too small for its source: OUT_OF_RANGE, and nothing is made
+    code = code_of(lambda: create(plugin, "pvc-small", 4 * MiB, volume_content_source=source))
+    assert code == C.OUT_OF_RANGE
+    # the same name with another source is another volume
+    code = code_of(lambda: create(plugin, "pvc-clone", 8 * MiB, volume_content_source=source))
+    assert code == C.ALREADY_EXISTS
+    # deleting the source leaves its snapshot usable
+    plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    again = create(plugin, "pvc-restored-2", 8 * MiB, volume_content_source=source).volume
+    assert image_of(plugin, again.volume_id).read_bytes()[3 * MiB : 3 * MiB + 6] == b"before"
+    names = sorted(p.name for p in (plugin.root / "data" / "volumes").iterdir())
+    assert not [n for n in names if n.startswith(".")]
+
+
+def test_snapshot_errors_and_listing(plugin: Plugin) -> None:
+    a = create(plugin, "pvc-a", MiB).volume
+    b = create(plugin, "pvc-b", MiB).volume
+    snaps = [snapshot(plugin, f"s-{i}", (a, b)[i % 2].volume_id) for i in range(5)]
+    assert code_of(lambda: snapshot(plugin, "s-0", b.volume_id)) == C.ALREADY_EXISTS
+    assert code_of(lambda: snapshot(plugin, "s-x", "vduse-" + "1" * 40)) == C.NOT_FOUND
+    assert code_of(lambda: snapshot(plugin, "", a.volume_id)) == C.INVALID_ARGUMENT
+    assert code_of(lambda: snapshot(plugin, "s-y", "")) == C.INVALID_ARGUMENT
+    assert code_of(lambda: snapshot(plugin, "s-z", "../etc")) == C.INVALID_ARGUMENT
+    list_ = plugin.controller.ListSnapshots
+    ids = sorted(s.snapshot_id for s in snaps)
+    seen, token = [], ""
+    while True:
+        page = list_(pb.ListSnapshotsRequest(max_entries=2, starting_token=token))
+        seen += [e.snapshot.snapshot_id for e in page.entries]
+        if not (token := page.next_token):
+            break
+    assert seen == ids
+    of_b = list_(pb.ListSnapshotsRequest(source_volume_id=b.volume_id))
+    assert sorted(e.snapshot.snapshot_id for e in of_b.entries) == sorted(
+        s.snapshot_id for s in snaps[1::2]
+    )
+    one = list_(pb.ListSnapshotsRequest(snapshot_id=snaps[2].snapshot_id))
+    assert [e.snapshot for e in one.entries] == [snaps[2]]
+    assert not list_(pb.ListSnapshotsRequest(snapshot_id="none")).entries
+    bad = pb.ListSnapshotsRequest(starting_token="bogus")
+    assert code_of(lambda: list_(bad)) == C.ABORTED
+    delete = plugin.controller.DeleteSnapshot
+    delete(pb.DeleteSnapshotRequest(snapshot_id=snaps[0].snapshot_id))
+    delete(pb.DeleteSnapshotRequest(snapshot_id=snaps[0].snapshot_id))  # idempotent
+    delete(pb.DeleteSnapshotRequest(snapshot_id="not-ours"))
+    assert code_of(lambda: delete(pb.DeleteSnapshotRequest())) == C.INVALID_ARGUMENT
+    assert code_of(lambda: delete(pb.DeleteSnapshotRequest(snapshot_id="a/b"))) == (
+        C.INVALID_ARGUMENT
+    )
+    assert len(list_(pb.ListSnapshotsRequest()).entries) == 4
+    leftovers = list((plugin.root / "data" / "snapshots").glob(f"{snaps[0].snapshot_id}*"))
+    assert not leftovers
+
+
+def test_modify_volume_sets_persisted_qos(plugin: Plugin) -> None:
+    vol = create(plugin, "pvc-qos", MiB, parameters={"writeIOPS": "500"},
+                 mutable_parameters={"readBytesPerSecond": "10Mi"}).volume  # fmt: skip
+    record_path = plugin.root / "data" / "volumes" / f"{vol.volume_id}.json"
+    qos = json.loads(record_path.read_text())["qos"]
+    assert (qos["write_iops"], qos["read_bps"]) == (500, 10 * MiB)
+    modify = plugin.controller.ControllerModifyVolume
+    change = {"writeIOPS": "0", "readIOPS": "200"}
+    modify(pb.ControllerModifyVolumeRequest(volume_id=vol.volume_id, mutable_parameters=change))
+    qos = json.loads(record_path.read_text())["qos"]
+    assert (qos["write_iops"], qos["read_iops"], qos["read_bps"]) == (0, 200, 10 * MiB)
+    before = record_path.read_bytes()
+    for bad in ({"XXX_FakeKey": "1"}, {"queues": "2"}, {"readIOPS": "many"},
+                {"burstMilliseconds": "0"}):  # fmt: skip
+        req = pb.ControllerModifyVolumeRequest(volume_id=vol.volume_id, mutable_parameters=bad)
+        assert code_of(lambda r=req: modify(r)) == C.INVALID_ARGUMENT  # type: ignore[misc]
+    assert record_path.read_bytes() == before  # a refused change changes nothing
+    missing = pb.ControllerModifyVolumeRequest(volume_id="vduse-" + "2" * 40)
+    assert code_of(lambda: modify(missing)) == C.NOT_FOUND
+    assert code_of(lambda: modify(pb.ControllerModifyVolumeRequest())) == C.INVALID_ARGUMENT
+
+
 def test_get_volume_condition_and_validate(plugin: Plugin) -> None:
     vol = create(plugin, "pvc-get").volume
     got = plugin.controller.ControllerGetVolume(
@@ -234,7 +389,15 @@ def test_capacity_and_expand(plugin: Plugin) -> None:
     image = plugin.root / "data" / "volumes" / f"{vol.volume_id}.img"
     assert image.stat().st_size == 16 * MiB
     caps = plugin.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest())
-    assert len(caps.capabilities) == 7
+    assert len(caps.capabilities) == 11
+    unservable = pb.GetCapacityRequest(
+        volume_capabilities=[mount_cap(mode=Mode.MULTI_NODE_MULTI_WRITER)]
+    )
+    assert plugin.controller.GetCapacity(unservable).available_capacity == 0
+    vm_block = pb.GetCapacityRequest(
+        volume_capabilities=[block_cap()], parameters={"attach": "vhost-vdpa"}
+    )
+    assert plugin.controller.GetCapacity(vm_block).available_capacity == 0
 
 
 def test_serve_rejects_bad_settings(tmp_path: Path) -> None:

@@ -384,3 +384,13 @@ def test_large_reads_and_writes_of_a_batch_run_in_parallel_and_complete_in_order
         assert dev.file_read((4096 + k * 512) * 512, len(chunk)) == chunk
     stats = dev.q.stats
     assert stats.reads == 6 and stats.writes == 6 and stats.flushes == 1
+
+
+def test_every_request_lands_in_one_service_time_bucket(guest: FakeGuest) -> None:
+    dev = Device(guest)
+    for sector in range(4):
+        guest.blk_request(T_OUT, sector=sector, out=b"s" * 512)
+    assert dev.process() == 4
+    counts = [int(dev.q.stats.latency[i]) for i in range(lib.DP_LATENCY_BUCKETS)]
+    assert sum(counts) == 4 and dev.q.stats.latency_ns_sum > 0
+    assert dev.q.in_flight == 0

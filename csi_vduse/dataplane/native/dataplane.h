@@ -25,6 +25,8 @@
 #define DP_LOG_MAGIC 0x71766475u  /* "udvq" */
 #define DP_LOG_VERSION 1u
 #define DP_LOG_SIZE 4096u
+#define DP_LATENCY_BUCKETS 19     /* <= 16 us << i for i < 18, then the rest */
+#define DP_LATENCY_FIRST_NS 16000u
 
 static inline void dp_cpu_relax(void)
 {
@@ -133,6 +135,10 @@ struct dp_stats {
     uint64_t read_bytes, written_bytes;
     uint64_t errors, unsupported, bad_chains;
     uint64_t faults, poisoned, enospc;
+    uint64_t throttled_us;       /* time the queue waited for its QoS budget */
+    /* service time, popped to completed, of every request */
+    uint64_t latency_ns_sum;
+    uint64_t latency[DP_LATENCY_BUCKETS];
 };
 
 struct dp_blk {
@@ -152,6 +158,32 @@ struct dp_log {
     uint32_t magic, version;
     uint32_t executing[2];       /* (1 << 16) | avail index while executing, else 0 */
     uint32_t crashed;            /* (1 << 16) | avail index of a request that crashed us */
+};
+
+/* Per-volume limits as token buckets (qos.c). A batch is charged after it executed and the
+ * queue waits, outside every lock, until the budget is back to zero: a token debt, so
+ * that a request larger than a bucket still passes and the long-run rate holds. */
+enum dp_qos_kind { DP_QOS_READ_OPS, DP_QOS_WRITE_OPS, DP_QOS_READ_BYTES, DP_QOS_WRITE_BYTES,
+                   DP_QOS_KINDS };
+
+struct dp_qos_bucket {
+    double rate;                 /* per second; 0: unlimited */
+    double burst;                /* what an idle bucket holds */
+    double tokens;
+};
+
+struct dp_qos {
+    pthread_mutex_t mu;
+    bool limited;                /* any bucket has a rate: read without the mutex */
+    uint64_t last_ns;
+    struct dp_qos_bucket b[DP_QOS_KINDS];
+};
+
+/* What every queue of one device shares: the QoS buckets, and the gate each batch passes
+ * (read side) that dp_device_quiesce closes (write side) to cut a consistent snapshot. */
+struct dp_device {
+    pthread_rwlock_t gate;
+    struct dp_qos qos;
 };
 
 /* One popped request and what executing it needs. */
@@ -182,6 +214,7 @@ struct dp_queue {
     int write_enospc;            /* the latest failed write failed for lack of space */
     bool broken_reported;
     uint64_t interrupts;
+    uint32_t in_flight;           /* requests popped and not yet completed */
     uint64_t parallel_batches;
     uint64_t parallel_min_bytes;  /* runs of reads/writes this large use the helper; 0: never */
     uint32_t poll_us;             /* busy-poll the ring this long before sleeping; 0: never */
@@ -189,6 +222,7 @@ struct dp_queue {
     uint16_t crashed_idx;
     struct dp_vq vq;
     struct dp_blk *blk;
+    struct dp_device *dev;        /* NULL: no gate, no limits (unit tests) */
     struct dp_log *log;
     struct dp_stats stats;
     struct dp_helper helper;
@@ -237,6 +271,20 @@ int dp_queue_process(struct dp_queue *q);
 int dp_queue_resume(struct dp_queue *q);
 int dp_queue_run(struct dp_queue *q);
 void dp_queue_request_stop(struct dp_queue *q);
+
+/* qos.c: `now_ns` is CLOCK_MONOTONIC, passed in so that the logic runs under tests */
+void dp_qos_init(struct dp_qos *qos);
+void dp_qos_destroy(struct dp_qos *qos);
+void dp_qos_set(struct dp_qos *qos, const uint64_t limits[DP_QOS_KINDS], uint32_t burst_ms,
+                uint64_t now_ns);
+void dp_qos_charge(struct dp_qos *qos, const uint64_t used[DP_QOS_KINDS], uint64_t now_ns);
+uint64_t dp_qos_wait_ns(struct dp_qos *qos, uint64_t now_ns);
+
+/* worker.c: device-wide */
+int dp_device_init(struct dp_device *dev);
+void dp_device_destroy(struct dp_device *dev);
+int dp_device_quiesce(struct dp_device *dev, uint32_t timeout_ms);
+void dp_device_resume(struct dp_device *dev);
 
 /* file_backend.c: ctx is a struct dp_file */
 struct dp_file {

@@ -19,6 +19,58 @@
 
 static void *helper_main(void *arg);
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int dp_device_init(struct dp_device *dev)
+{
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    /* a waiting quiesce goes before new batches, or a busy queue would starve it */
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int r = pthread_rwlock_init(&dev->gate, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    if (r != 0)
+        return -r;
+    dp_qos_init(&dev->qos);
+    return 0;
+}
+
+void dp_device_destroy(struct dp_device *dev)
+{
+    pthread_rwlock_destroy(&dev->gate);
+    dp_qos_destroy(&dev->qos);
+}
+
+/* Waits for every batch in execution to complete (pushed to the used ring) and keeps new
+ * ones from starting until dp_device_resume, called from the same thread. IOTLB updates
+ * and faults still get through: the gate is taken before the IOTLB lock. Returns 0, or
+ * -ETIMEDOUT when a request did not finish in time (a hung backend). */
+static struct timespec deadline_after(uint64_t ns)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    ns += (uint64_t)t.tv_nsec;
+    t.tv_sec += (time_t)(ns / 1000000000u);
+    t.tv_nsec = (long)(ns % 1000000000u);
+    return t;
+}
+
+int dp_device_quiesce(struct dp_device *dev, uint32_t timeout_ms)
+{
+    struct timespec deadline = deadline_after((uint64_t)timeout_ms * 1000000u);
+    return -pthread_rwlock_clockwrlock(&dev->gate, CLOCK_MONOTONIC, &deadline);
+}
+
+void dp_device_resume(struct dp_device *dev)
+{
+    pthread_rwlock_unlock(&dev->gate);
+}
+
 struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_fd,
                               struct dp_blk *blk, struct dp_iotlb *tlb, uint32_t max_descs,
                               struct dp_log *log)
@@ -230,6 +282,57 @@ static uint32_t pop_batch(struct dp_queue *q, int *r)
     return n;
 }
 
+static void record_latency(struct dp_stats *st, uint32_t n, uint64_t ns)
+{
+    unsigned bucket = 0;
+    while (bucket < DP_LATENCY_BUCKETS - 1 && ns > (uint64_t)DP_LATENCY_FIRST_NS << bucket)
+        bucket++;
+    st->latency[bucket] += n;
+    st->latency_ns_sum += ns * n;
+}
+
+/* Charges what a batch did, as blk.c counted it (it decoded every header once, from a
+ * copy): guest memory is not read again, and a header split over descriptors pays too. */
+static void charge_batch(struct dp_queue *q, const struct dp_stats *before)
+{
+    const struct dp_stats *after = &q->stats;
+    uint64_t used[DP_QOS_KINDS];
+    used[DP_QOS_READ_OPS] = after->reads - before->reads;
+    used[DP_QOS_WRITE_OPS] = (after->writes - before->writes) +
+                             (after->discards - before->discards) +
+                             (after->write_zeroes - before->write_zeroes);
+    used[DP_QOS_READ_BYTES] = after->read_bytes - before->read_bytes;
+    used[DP_QOS_WRITE_BYTES] = after->written_bytes - before->written_bytes;
+    dp_qos_charge(&q->dev->qos, used, now_ns());
+}
+
+/* Enters the device's gate, unless the queue is asked to stop while a quiesce holds it:
+ * a reset or a shutdown must not wait for a snapshot's copy. */
+static bool enter_gate(struct dp_queue *q)
+{
+    while (!stopping(q)) {
+        struct timespec deadline = deadline_after(10000000u);  /* 10 ms */
+        if (pthread_rwlock_clockrdlock(&q->dev->gate, CLOCK_MONOTONIC, &deadline) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* Waits, outside every lock, until the volume's QoS budget allows another batch. */
+static void throttle(struct dp_queue *q)
+{
+    uint64_t wait;
+    while ((wait = dp_qos_wait_ns(&q->dev->qos, now_ns())) && !stopping(q)) {
+        struct pollfd stop = {.fd = q->stop_fd, .events = POLLIN};
+        struct timespec ts = {.tv_sec = (time_t)(wait / 1000000000u),
+                              .tv_nsec = (long)(wait % 1000000000u)};
+        uint64_t start = now_ns();
+        if (ppoll(&stop, 1, &ts, NULL) > 0)
+            break;
+        q->stats.throttled_us += (now_ns() - start) / 1000;
+    }
+}
+
 static void report_broken(struct dp_queue *q)
 {
     uint64_t one = 1;
@@ -256,22 +359,41 @@ int dp_queue_process(struct dp_queue *q)
 
     while (!stopping(q)) {
         int r;
+        struct dp_stats before = {0};
+        if (q->dev) {
+            throttle(q);
+            if (!enter_gate(q))
+                break;
+            if (stopping(q)) {
+                pthread_rwlock_unlock(&q->dev->gate);
+                break;
+            }
+            before = q->stats;
+        }
         pthread_rwlock_rdlock(&tlb->lock);
         r = dp_vq_map_rings(vq);
         if (r == 0) {
             dp_vq_disable_notify(vq);
             uint32_t n = pop_batch(q, &r);
             if (n) {
+                uint64_t popped = now_ns();
+                __atomic_store_n(&q->in_flight, n, __ATOMIC_RELAXED);
                 execute_batch(q, n);
                 complete_batch(q, n);
+                __atomic_store_n(&q->in_flight, 0, __ATOMIC_RELAXED);
+                record_latency(&q->stats, n, now_ns() - popped);
                 done += (int)n;
                 if (dp_vq_should_notify(vq))
                     notify(q);
+                if (q->dev)
+                    charge_batch(q, &before);
             }
             if (r == DP_POP_EMPTY && dp_vq_enable_notify(vq))
                 r = DP_POP_OK;
         }
         pthread_rwlock_unlock(&tlb->lock);
+        if (q->dev)
+            pthread_rwlock_unlock(&q->dev->gate);
         if (vq->broken)
             break;
         if (r == DP_POP_FAULT) {
@@ -324,9 +446,7 @@ int dp_queue_resume(struct dp_queue *q)
 
 static uint64_t now_us(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+    return now_ns() / 1000;
 }
 
 /* Watches the avail ring with kicks off for up to poll_us; true when work arrived. */
