@@ -63,8 +63,12 @@ class NestedGuest:
         )  # fmt: skip
 
     def lines(self) -> list[str]:
+        """The guest's complete lines: the console file may end in the middle of one."""
         text = self.console.read_text(errors="replace")
-        return [line.strip() for line in text.splitlines() if line.startswith("GUEST: ")]
+        return [
+            line.strip() for line in text.splitlines(keepends=True)
+            if line.startswith("GUEST: ") and line.endswith("\n")
+        ]  # fmt: skip
 
     def wait_for_line(self, prefix: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout

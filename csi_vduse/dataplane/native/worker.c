@@ -46,10 +46,6 @@ void dp_device_destroy(struct dp_device *dev)
     dp_qos_destroy(&dev->qos);
 }
 
-/* Waits for every batch in execution to complete (pushed to the used ring) and keeps new
- * ones from starting until dp_device_resume, called from the same thread. IOTLB updates
- * and faults still get through: the gate is taken before the IOTLB lock. Returns 0, or
- * -ETIMEDOUT when a request did not finish in time (a hung backend). */
 static struct timespec deadline_after(uint64_t ns)
 {
     struct timespec t;
@@ -60,6 +56,10 @@ static struct timespec deadline_after(uint64_t ns)
     return t;
 }
 
+/* Waits for every batch in execution to complete (pushed to the used ring) and keeps new
+ * ones from starting until dp_device_resume, called from the same thread. IOTLB updates
+ * and faults still get through: the gate is taken before the IOTLB lock. Returns 0, or
+ * -ETIMEDOUT when a request did not finish in time (a hung backend). */
 int dp_device_quiesce(struct dp_device *dev, uint32_t timeout_ms)
 {
     struct timespec deadline = deadline_after((uint64_t)timeout_ms * 1000000u);
