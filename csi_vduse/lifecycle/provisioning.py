@@ -150,6 +150,18 @@ def volume_id_or_raise(volume_id: str) -> bool:
         raise InvalidArgument(str(e)) from None
 
 
+def existing_volume(store: VolumeStore, volume_id: str, what: str = "volume") -> VolumeRecord:
+    """The record of one of our volumes: INVALID_ARGUMENT for a malformed id, NOT_FOUND
+    for none, FAILED_PRECONDITION for one that cannot be read."""
+    try:
+        record = store.get(volume_id) if volume_id_or_raise(volume_id) else None
+    except UnreadableRecord as e:
+        raise FailedPrecondition(str(e)) from None
+    if record is None:
+        raise NotFound(f"{what} {volume_id} does not exist")
+    return record
+
+
 class Provisioner:
     def __init__(
         self, data_dir: Path, staging: StagingStore, locks: VolumeLocks,
@@ -219,9 +231,7 @@ class Provisioner:
                 quiesce: AbstractContextManager[None] = contextlib.nullcontext()
                 reflink = True  # a snapshot is never written
             else:
-                volume = self._get(source_id) if volume_id_or_raise(source_id) else None
-                if volume is None:
-                    raise NotFound(f"source volume {source_id} does not exist")
+                volume = existing_volume(self.store, source_id, "source volume")
                 origin, size = self.store.image(source_id), volume.capacity
                 record.formatted, record.fs_type = volume.formatted, volume.fs_type
                 quiesce = self.snapshots.quiesce(source_id)
@@ -242,12 +252,8 @@ class Provisioner:
 
     def modify(self, volume_id: str, mutable: dict[str, str]) -> VolumeRecord:
         """New QoS limits, persisted first, then applied to the running data plane."""
-        if not volume_id_or_raise(volume_id):
-            raise NotFound(f"volume {volume_id} does not exist")
         with self.locks.hold(volume_id):
-            record = self._get(volume_id)
-            if record is None:
-                raise NotFound(f"volume {volume_id} does not exist")
+            record = existing_volume(self.store, volume_id)
             qos = parse_qos(mutable, record.qos)
             if qos != record.qos:
                 record.qos = qos

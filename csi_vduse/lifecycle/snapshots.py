@@ -16,7 +16,7 @@ from csi_vduse.errors import AlreadyExists, FailedPrecondition, InvalidArgument,
 from csi_vduse.kernel.vduse import DEVICE_DIR
 from csi_vduse.lifecycle.capacity import ensure_space, exclusive
 from csi_vduse.lifecycle.locks import VolumeLocks
-from csi_vduse.lifecycle.provisioning import check_name, volume_id_or_raise
+from csi_vduse.lifecycle.provisioning import check_name, existing_volume
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.snapshots import (
     ID_PREFIX,
@@ -81,7 +81,7 @@ class Snapshots:
                     )
                 return existing
             with self.locks.hold(source_volume_id):
-                volume = self._volume(source_volume_id)
+                volume = existing_volume(self.volumes, source_volume_id)
                 return self._cut(snapshot_id, name, volume)
 
     def _cut(self, snapshot_id: str, name: str, volume: VolumeRecord) -> SnapshotRecord:
@@ -107,15 +107,6 @@ class Snapshots:
         )  # fmt: skip
         self.store.put(record)
         log.info("%s: snapshot %s of %d bytes cut (%s)", volume.volume_id, snapshot_id, size, how)
-        return record
-
-    def _volume(self, volume_id: str) -> VolumeRecord:
-        try:
-            record = self.volumes.get(volume_id) if volume_id_or_raise(volume_id) else None
-        except UnreadableRecord as e:
-            raise FailedPrecondition(str(e)) from None
-        if record is None:
-            raise NotFound(f"volume {volume_id} does not exist")
         return record
 
     def _get(self, snapshot_id: str) -> SnapshotRecord | None:

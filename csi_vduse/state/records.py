@@ -3,6 +3,7 @@ record this version cannot read is reported by its own id and never overwritten.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,3 +44,21 @@ def load(kind: type[R], path: Path) -> R | None:
             path, f"written by a newer csi-vduse (record version {record.version})"
         )
     return record
+
+
+def scan(root: Path, prefix: str, get: Callable[[str], R | None]) -> tuple[list[R], dict[str, str]]:
+    """Every record `<root>/<prefix>*.json` (read by id with `get`), and the ids of those
+    that cannot be read with the reason."""
+    records: list[R] = []
+    unreadable: dict[str, str] = {}
+    if not root.is_dir():
+        return records, unreadable
+    for path in sorted(root.glob(f"{prefix}*.json")):
+        try:
+            record = get(path.stem)
+        except UnreadableRecord as e:
+            unreadable[path.stem] = e.reason
+            continue
+        if record is not None:
+            records.append(record)
+    return records, unreadable

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from csi_vduse.state.atomic import remove_durably, write_atomic
-from csi_vduse.state.records import Record, UnreadableRecord, load
+from csi_vduse.state.records import Record, load, scan
 from csi_vduse.state.volumes import InvalidId, check_volume_id
 
 ID_PREFIX = "vduse-snap-"
@@ -72,16 +72,5 @@ class SnapshotStore:
         remove_durably(self.image(snapshot_id))
 
     def scan(self) -> tuple[list[SnapshotRecord], dict[str, str]]:
-        records: list[SnapshotRecord] = []
-        unreadable: dict[str, str] = {}
-        if not self.root.is_dir():
-            return records, unreadable
-        for path in sorted(self.root.glob(f"{ID_PREFIX}*.json")):
-            try:
-                record = self.get(path.stem)
-            except UnreadableRecord as e:
-                unreadable[path.stem] = e.reason
-                continue
-            if record is not None:
-                records.append(record)
-        return records, unreadable
+        """Every record, and the ids of those that cannot be read with the reason."""
+        return scan(self.root, ID_PREFIX, self.get)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.state.atomic import fsync_dir, remove_durably, write_atomic
-from csi_vduse.state.records import Record, UnreadableRecord, load
+from csi_vduse.state.records import Record, load, scan
 
 ID_PREFIX = "vduse-"
 _ID = re.compile(r"^vduse-[0-9a-f]{40}$")
@@ -105,19 +105,7 @@ class VolumeStore:
 
     def scan(self) -> tuple[list[VolumeRecord], dict[str, str]]:
         """Every record, and the ids of those that cannot be read with the reason."""
-        records: list[VolumeRecord] = []
-        unreadable: dict[str, str] = {}
-        if not self.root.is_dir():
-            return records, unreadable
-        for path in sorted(self.root.glob(f"{ID_PREFIX}*.json")):
-            try:
-                record = self.get(path.stem)
-            except UnreadableRecord as e:
-                unreadable[path.stem] = e.reason
-                continue
-            if record is not None:
-                records.append(record)
-        return records, unreadable
+        return scan(self.root, ID_PREFIX, self.get)
 
     def sync(self) -> None:
         fsync_dir(self.root)
