@@ -75,6 +75,25 @@ def _parser() -> argparse.ArgumentParser:
         "(required with --registration-dir)",
     )
     serve.add_argument("--log-format", help="json (default) or text")
+    serve.add_argument(
+        "--controller-scope", choices=["node", "cluster"],
+        help="node (default): the controller serves this node's volumes; cluster: every "
+        "node's, through VduseVolume objects that each node's agent acts on",
+    )  # fmt: skip
+    serve.add_argument("--kubeconfig", help="cluster scope: a kubeconfig (default in-cluster)")
+    serve.add_argument(
+        "--agent-wait", type=float, help="cluster scope: seconds to wait for an agent (30)"
+    )
+
+    agent = sub.add_parser(
+        "agent", help="act on this node's VduseVolumes and VduseSnapshots (beside serve)",
+        epilog="Flags can also be set by environment variable: CSI_VDUSE_<FLAG>.",
+    )  # fmt: skip
+    agent.add_argument("--node-id", help="this node's name (required; CSI_VDUSE_NODE_ID)")
+    agent.add_argument("--endpoint", help="the node plugin's CSI socket (unix:///csi/csi.sock)")
+    agent.add_argument("--kubeconfig", help="a kubeconfig (default: in-cluster credentials)")
+    agent.add_argument("--resync-interval", type=int, help="seconds between full passes (30)")
+    agent.add_argument("--log-format", help="json (default) or text")
     return parser
 
 
@@ -88,13 +107,25 @@ def main(argv: list[str] | None = None) -> int:
 
             flags = ("endpoint", "node_id", "driver_name", "state_dir", "data_dir",
                      "components", "max_volumes", "log_format", "reconcile_interval",
-                     "health_address", "registration_dir", "kubelet_endpoint")  # fmt: skip
+                     "health_address", "registration_dir", "kubelet_endpoint",
+                     "controller_scope", "kubeconfig", "agent_wait")  # fmt: skip
             given = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
             if args.log_level is not None:
                 given["log_level"] = args.log_level
             config = ServeConfig(**given)
             logs.setup(config.log_level, config.log_format)
             return serve(config)
+        if args.command == "agent":
+            from csi_vduse.cluster.run import run_agent
+            from csi_vduse.config import AgentConfig
+
+            names = ("node_id", "endpoint", "kubeconfig", "resync_interval", "log_format")
+            given = {f: getattr(args, f) for f in names if getattr(args, f) is not None}
+            if args.log_level is not None:
+                given["log_level"] = args.log_level
+            agent_config = AgentConfig(**given)
+            logs.setup(agent_config.log_level, agent_config.log_format)
+            return run_agent(agent_config)
         if args.command == "export":
             from csi_vduse.lifecycle.export import ExportOptions, run_export
 

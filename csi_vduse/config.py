@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -91,6 +91,13 @@ class ServeConfig(BaseSettings):
         Field(pattern="^(debug|info|warning|error)$"),
     ] = "info"
     log_format: Annotated[str, Field(pattern="^(json|text)$")] = "json"
+    # node: the controller serves this node's data dir; cluster: every node's, through the
+    # VduseVolume/VduseSnapshot objects their agents act on
+    controller_scope: Literal["node", "cluster"] = "node"
+    # the API server's kubeconfig (cluster scope); empty: the pod's in-cluster credentials
+    kubeconfig: Annotated[Path | None, BeforeValidator(_empty_is_none)] = None
+    # seconds the cluster controller waits for an agent before answering ABORTED (retry)
+    agent_wait: Annotated[float, Field(ge=1, le=600)] = 30.0
 
     @model_validator(mode="after")
     def _registration_is_complete(self) -> Self:
@@ -121,3 +128,21 @@ class ServeConfig(BaseSettings):
     @property
     def topology_key(self) -> str:
         return f"topology.{self.driver_name}/node"
+
+
+class AgentConfig(BaseSettings):
+    """`csi-vduse agent` settings (CSI_VDUSE_* environment variables too)."""
+
+    model_config = SettingsConfigDict(env_prefix="CSI_VDUSE_", extra="ignore", frozen=True)
+
+    endpoint: Annotated[str, AfterValidator(_endpoint)] = "unix:///csi/csi.sock"
+    node_id: Annotated[str, AfterValidator(_node_id)]
+    kubeconfig: Annotated[Path | None, BeforeValidator(_empty_is_none)] = None
+    # seconds between full passes (failed actions retried, free space published)
+    resync_interval: Annotated[int, Field(ge=5, le=3600)] = 30
+    log_level: Annotated[
+        str,
+        BeforeValidator(lambda v: str(v).lower()),
+        Field(pattern="^(debug|info|warning|error)$"),
+    ] = "info"
+    log_format: Annotated[str, Field(pattern="^(json|text)$")] = "json"

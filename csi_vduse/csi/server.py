@@ -95,7 +95,14 @@ class Driver:
             self.node = NodeVolumes(config.data_dir, config.state_dir, self.locks,
                                     config.max_volumes)  # fmt: skip
             rpc_pb.add_NodeServicer_to_server(NodeService(config, self.node), self.server)
-        if "controller" in config.components:
+        if "controller" in config.components and config.controller_scope == "cluster":
+            from csi_vduse.cluster.api import Resources, connect
+            from csi_vduse.csi.cluster_controller import ClusterControllerService
+
+            resources = Resources(connect(config.kubeconfig))
+            cluster = ClusterControllerService(config, resources, config.agent_wait)
+            rpc_pb.add_ControllerServicer_to_server(cluster, self.server)
+        elif "controller" in config.components:
             staging = StagingStore(config.state_dir)
             snapshots = Snapshots(
                 config.data_dir, VolumeStore(config.data_dir), self.locks, threading.Lock(),
