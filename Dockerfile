@@ -89,7 +89,7 @@ ENV PATH=/opt/csi-vduse/bin:$PATH
 # Smoke test: the command runs, the compiled extension and the generated gRPC modules import,
 # and every tool the plugin calls is on PATH.
 RUN csi-vduse --version \
-    && python -c "import csi_vduse._native, csi_vduse.csi.proto.csi_pb2_grpc" \
+    && python -c "import csi_vduse._native, csi_vduse.csi.proto.csi_pb2_grpc, csi_vduse.cluster.agent" \
     && for tool in mount umount blkid mkfs.ext4 resize2fs mkfs.xfs xfs_growfs vdpa; do \
          command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }; \
        done

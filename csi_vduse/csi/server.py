@@ -120,8 +120,9 @@ class Driver:
         log.info("starting: serving the volumes staged on this node first")
         if self.config.registration_socket is not None:  # refused before anything is served
             prepare_socket(self.config.registration_socket)
-        for d in (self.config.state_dir, self.config.data_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.config.controller_scope == "node" or "node" in self.config.components:
+            for d in (self.config.state_dir, self.config.data_dir):
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.snapshots is not None:
             self.snapshots.remove_orphans()
         for problem in host_problems(self.config):

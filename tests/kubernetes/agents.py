@@ -9,7 +9,6 @@ its agent. Used by test_agents.py inside the lab cluster, and runnable on a host
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -47,9 +46,12 @@ class Agent:
         self.proc.wait(timeout=30)
 
 
+KUBECTL = ["kubectl"]
+
+
 def kubectl(kubeconfig: Path, *args: str) -> str:
     return subprocess.run(
-        ["kubectl", f"--kubeconfig={kubeconfig}", *args], check=True, capture_output=True,
+        [*KUBECTL, f"--kubeconfig={kubeconfig}", *args], check=True, capture_output=True,
         text=True, timeout=60,
     ).stdout  # fmt: skip
 
@@ -91,8 +93,8 @@ def exercise(kubeconfig: Path, root: Path) -> None:
             "crd/vdusenodes.vduse.csi.dev")  # fmt: skip
     started: list[Plugin] = []
     agents: dict[str, Agent] = {}
+    nodes: dict[str, Plugin] = {}
     try:
-        nodes = {}
         for name in ("node-a", "node-b"):
             (root / name).mkdir(parents=True, exist_ok=True)
             nodes[name] = Plugin(root / name, name, "identity,controller")
@@ -112,6 +114,7 @@ def exercise(kubeconfig: Path, root: Path) -> None:
             plugin.stop()
         for path in sorted(root.glob("*/*.log")):
             print(f"--- {path}\n{path.read_text()[-6000:]}")
+        kubectl(kubeconfig, "delete", "--ignore-not-found", "vdusenodes", *nodes)
 
 
 def check(
@@ -205,6 +208,11 @@ def check(
     assert not image("node-b", snapshot.snapshot_id, "snapshots").exists()
     left = kubectl(kubeconfig, "get", "vdusevolumes,vdusesnapshots", "-o", "name").split()
     assert left == [f"vdusevolume.vduse.csi.dev/{volume_id_for('while-a-is-away')}"]
+    controller.controller.DeleteVolume(
+        pb.DeleteVolumeRequest(volume_id=volume_id_for("while-a-is-away")), timeout=60
+    )
+    assert not kubectl(kubeconfig, "get", "vdusevolumes,vdusesnapshots", "-o", "name").split()
+    assert not list((nodes["node-a"].root / "data" / "volumes").glob("*.img"))
 
 
 def main() -> int:
@@ -216,7 +224,7 @@ def main() -> int:
         plane = ControlPlane(Path(tmp) / "plane", binaries)
         plane.start()
         try:
-            os.environ["PATH"] = f"{binaries['kubectl'].parent}:{os.environ['PATH']}"
+            KUBECTL[:] = [str(binaries["kubectl"])]
             exercise(plane.admin_kubeconfig, Path(tmp) / "nodes")
         finally:
             plane.stop()

@@ -21,6 +21,8 @@ from kubernetes.stream import stream
 from tests.cluster.images import image_reference
 from tests.cluster.node import NODE_NAME, Node
 from tests.cluster.prepare import snapshot_crds
+from tests.csi_client import Plugin
+from tests.kubernetes.agents import Agent
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "kube-system"
@@ -28,6 +30,8 @@ RELEASE = "csi-vduse"
 DRIVER = "vduse.csi.dev"
 EXAMPLE_IMAGE = "busybox:1.36.1"  # the examples name Docker Hub's; the lab has none
 QOS_CLASSES = {"vduse-slow": 100, "vduse-fast": 250}  # write IOPS
+TOPOLOGY_KEY = f"topology.{DRIVER}/node"
+NODE_B = "vduse-node-b"
 
 
 class Cluster:
@@ -75,9 +79,13 @@ class Cluster:
     def pod_phase(self, name: str, namespace: str = "default") -> str:
         return str(self.core.read_namespaced_pod(name, namespace).status.phase)
 
-    def plugin_pods(self) -> list[Any]:
-        return list(self.core.list_namespaced_pod(
-            NAMESPACE, label_selector="app.kubernetes.io/component=node").items)  # fmt: skip
+    def plugin_pods(self, component: str = "node") -> list[Any]:
+        selector = f"app.kubernetes.io/component={component}"
+        return list(self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items)
+
+    def vduse_objects(self, plural: str) -> list[Any]:
+        found = self.custom.list_cluster_custom_object("vduse.csi.dev", "v1alpha1", plural)
+        return list(found["items"])
 
 
 def wait(what: str, cond: Callable[[], object], timeout: float = 600) -> Any:
@@ -117,6 +125,8 @@ def chart_values(k8s: Cluster, **extra: Any) -> list[str]:
         "images": {"plugin": image("csi-vduse"), "provisioner": image("csi-provisioner"),
                    "resizer": image("csi-resizer"), "snapshotter": image("csi-snapshotter")},
         "snapshotter": {"enabled": True},
+        # the lab's API server listens on 127.0.0.1 only
+        "controller": {"hostNetwork": True},
         "logLevel": "debug",
         "volumeAttributesClasses": [
             {"name": name, "parameters": {"writeIOPS": iops, "burstMilliseconds": 100}}
@@ -134,6 +144,12 @@ def test_1_helm_install(k8s: Cluster) -> None:
     k8s.helm("install", RELEASE, str(REPO / "charts" / "csi-vduse"), "--namespace", NAMESPACE,
              *chart_values(k8s))  # fmt: skip
     wait("the plugin pod to be Ready", lambda: [p for p in k8s.plugin_pods() if ready(p)])
+    wait("the controller to be Ready", lambda: [
+        p for p in k8s.plugin_pods("controller") if ready(p)])  # fmt: skip
+    wait("the node's agent to report its free space", lambda: [
+        n for n in k8s.vduse_objects("vdusenodes")
+        if n["metadata"]["name"] == NODE_NAME and n["status"]["availableBytes"] > 0
+    ])  # fmt: skip
     csinode = wait("the driver on the CSINode", lambda: [
         d for d in k8s.storage.read_csi_node(NODE_NAME).spec.drivers or [] if d.name == DRIVER
     ])  # fmt: skip
@@ -198,6 +214,77 @@ def test_4_a_filesystem_grows_while_its_pod_runs(k8s: Cluster) -> None:
         "vduse-fs", "default", {"spec": {"resources": {"requests": {"storage": "2Gi"}}}}
     )
     wait("df to show the new size", lambda: size() > 1.8 * before)
+
+
+def test_4b_a_claim_on_another_node_grows_and_changes_class_through_its_agent(
+    k8s: Cluster,
+) -> None:
+    """A second node: its Node and CSINode as its kubelet would register them, its plugin and
+    agent as processes (no kubelet runs there, so nothing mounts its volumes). The controller
+    runs on the first node and reaches the volume only through the second node's agent."""
+    k8s.core.create_node({"metadata": {"name": NODE_B, "labels": {
+        TOPOLOGY_KEY: NODE_B, "kubernetes.io/hostname": NODE_B}}})  # fmt: skip
+    k8s.storage.create_csi_node({"metadata": {"name": NODE_B}, "spec": {"drivers": [
+        {"name": DRIVER, "nodeID": NODE_B, "topologyKeys": [TOPOLOGY_KEY]}]}})  # fmt: skip
+    root = k8s.node.workdir / NODE_B
+    root.mkdir(exist_ok=True)
+    plugin = Plugin(root, NODE_B, "identity,controller")
+    agent = Agent(plugin, k8s.kubeconfig)
+    try:
+        node_b_class = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                "metadata": {"name": NODE_B}, "provisioner": DRIVER,
+                "volumeBindingMode": "Immediate", "allowVolumeExpansion": True,
+                "parameters": {"csi.storage.k8s.io/fstype": "ext4"},
+                "allowedTopologies": [{"matchLabelExpressions": [
+                    {"key": TOPOLOGY_KEY, "values": [NODE_B]}]}]}  # fmt: skip
+        pvc = claim("vduse-on-b", "64Mi")
+        pvc["spec"].update(storageClassName=NODE_B, volumeAttributesClassName="vduse-slow")
+        k8s.apply(yaml.safe_dump_all([node_b_class, pvc]))
+
+        def on_b() -> Any:
+            return k8s.core.read_namespaced_persistent_volume_claim("vduse-on-b", "default")
+
+        wait("the claim on the other node to bind", lambda: on_b().status.phase == "Bound")
+        name = on_b().spec.volume_name
+        pv = k8s.core.read_persistent_volume(name)
+        terms = pv.spec.node_affinity.required.node_selector_terms
+        assert [e.values for t in terms for e in t.match_expressions] == [[NODE_B]]
+        handle = pv.spec.csi.volume_handle
+        image = root / "data" / "volumes" / f"{handle}.img"
+        assert image.stat().st_size == 64 << 20
+        assert not (k8s.node.workdir / "csi-vduse-data" / "volumes" / image.name).exists()
+        record = root / "data" / "volumes" / f"{handle}.json"
+        assert json.loads(record.read_text())["qos"]["write_iops"] == QOS_CLASSES["vduse-slow"]
+
+        k8s.core.patch_namespaced_persistent_volume_claim(
+            "vduse-on-b", "default", {"spec": {"resources": {"requests": {"storage": "128Mi"}}}}
+        )
+        wait("the volume on the other node to grow", lambda: k8s.core.read_persistent_volume(
+            name).spec.capacity["storage"] == "128Mi")  # fmt: skip
+        assert image.stat().st_size == 128 << 20
+        k8s.core.patch_namespaced_persistent_volume_claim(
+            "vduse-on-b", "default", {"spec": {"volumeAttributesClassName": "vduse-fast"}}
+        )
+        wait("the claim on the other node to report its new class", lambda: str(
+            on_b().status.current_volume_attributes_class_name) == "vduse-fast")  # fmt: skip
+        assert json.loads(record.read_text())["qos"]["write_iops"] == QOS_CLASSES["vduse-fast"]
+        # the scheduler sees the other node's free space too
+        wait("a CSIStorageCapacity for the other node", lambda: [
+            c for c in k8s.storage.list_namespaced_csi_storage_capacity(NAMESPACE).items
+            if c.node_topology.match_labels == {TOPOLOGY_KEY: NODE_B} and c.capacity
+        ], timeout=180)  # fmt: skip
+
+        k8s.core.delete_namespaced_persistent_volume_claim("vduse-on-b", "default")
+        wait("its volume to be deleted", lambda: name not in [
+            v.metadata.name for v in k8s.core.list_persistent_volume().items])  # fmt: skip
+        assert not image.exists()
+    finally:
+        agent.stop()
+        plugin.stop()
+        k8s.storage.delete_storage_class(NODE_B)
+        k8s.storage.delete_csi_node(NODE_B)
+        k8s.core.delete_node(NODE_B)
+        k8s.custom.delete_cluster_custom_object("vduse.csi.dev", "v1alpha1", "vdusenodes", NODE_B)
 
 
 def test_5_the_plugin_restarts_under_fio_verify(k8s: Cluster) -> None:
@@ -422,11 +509,13 @@ def test_7_deleting_claims_removes_volumes_and_uninstall_leaves_nothing(k8s: Clu
     wait("every volume to be deleted", lambda: not k8s.core.list_persistent_volume().items)
     images = k8s.node.workdir / "csi-vduse-data" / "volumes"
     wait("every image to be gone", lambda: not list(images.glob("*.img")))
+    assert not k8s.vduse_objects("vdusevolumes") and not k8s.vduse_objects("vdusesnapshots")
     k8s.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--cascade=foreground", "--wait")
 
     # foreground cascade: helm returns once the DaemonSet's pods are gone, not merely doomed
     left = [
         *(f"pod/{p.metadata.name}" for p in k8s.plugin_pods()),
+        *(f"pod/{p.metadata.name}" for p in k8s.plugin_pods("controller")),
         *(f"csidriver/{d.metadata.name}" for d in k8s.storage.list_csi_driver().items
           if d.metadata.name == DRIVER),
         *(f"storageclass/{s.metadata.name}" for s in k8s.storage.list_storage_class().items

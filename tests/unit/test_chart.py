@@ -33,9 +33,11 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 import csi_vduse
+import csi_vduse.cluster.run
 import csi_vduse.csi.server
 from csi_vduse import cli
-from csi_vduse.config import ServeConfig
+from csi_vduse.cluster import resources
+from csi_vduse.config import AgentConfig, ServeConfig
 from csi_vduse.health import HealthServer
 from csi_vduse.lifecycle.provisioning import parse_parameters, parse_qos
 
@@ -51,15 +53,17 @@ Obj = dict[str, Any]
 
 # Install order of the kinds the chart renders (the order of manifests/csi-vduse.yaml).
 KIND_ORDER = (
-    "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-    "CSIDriver", "StorageClass", "Service", "DaemonSet",
+    "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+    "RoleBinding", "CSIDriver", "StorageClass", "Service", "DaemonSet", "Deployment",
     # Helm installs the kinds it does not know last
     "VolumeAttributesClass", "VolumeSnapshotClass", "PodMonitor",
 )  # fmt: skip
 # not in the Kubernetes schemas: the snapshot add-on's and the Prometheus Operator's
 CRD_KINDS = {"VolumeSnapshotClass", "PodMonitor"}
 VAC_SINCE = (1, 34)  # storage.k8s.io/v1 VolumeAttributesClass
-NAMESPACED = {"ServiceAccount", "Role", "RoleBinding", "DaemonSet", "Service", "PodMonitor"}
+NAMESPACED = {
+    "ServiceAccount", "Role", "RoleBinding", "DaemonSet", "Deployment", "Service", "PodMonitor",
+}  # fmt: skip
 SIDECARS = ("csi-provisioner", "csi-resizer", "csi-snapshotter")
 
 # Every option switched on or away from its default.
@@ -76,6 +80,16 @@ ALL_ON: Obj = {
     "defaultFsType": "xfs",
     "storageCapacity": True,
     "csiDriver": {"fsGroupPolicy": "ReadWriteOnceWithFSType"},
+    "controller": {
+        "replicas": 2,
+        "agentWaitSeconds": 20,
+        "healthPort": 19811,
+        "hostNetwork": True,
+        "priorityClassName": "",
+        "nodeSelector": {"example.com/control": "true"},
+        "tolerations": [{"key": "example.com/control", "operator": "Exists"}],
+        "affinity": {"podAntiAffinity": {}},
+    },
     "images": {
         "plugin": {
             "repository": "registry.example.com/storage/csi-vduse",
@@ -102,12 +116,13 @@ ALL_ON: Obj = {
     "serviceAccount": {
         "create": True,
         "name": "vduse-node",
+        "controllerName": "vduse-controller",
         "annotations": {"example.com/owner": "storage"},
     },
     "pluginHealthPort": 19810,
     "resources": {
         name: {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
-        for name in ("plugin", "provisioner", "resizer", "snapshotter")
+        for name in ("plugin", "agent", "controller", "provisioner", "resizer", "snapshotter")
     },
     "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
     "priorityClassName": "system-cluster-critical",
@@ -160,11 +175,15 @@ ALL_ON: Obj = {
 ALL_OFF: Obj = {
     "storageCapacity": False,
     "resizer": {"enabled": False},
-    "serviceAccount": {"create": False, "name": "existing-account"},
+    "serviceAccount": {
+        "create": False,
+        "name": "existing-account",
+        "controllerName": "existing-controller",
+    },
     "priorityClassName": "",
     "nodeSelector": {},
     "tolerations": [],
-    "resources": {name: {} for name in ("plugin", "provisioner")},
+    "resources": {name: {} for name in ("plugin", "agent", "controller", "provisioner")},
     "storageClasses": [],
 }
 
@@ -215,7 +234,19 @@ def manifest_text() -> str:
         "# Install: kubectl apply -f manifests/csi-vduse.yaml\n"
     )
     parts = [f"---\n# Source: {path}\n{body}\n" for path, body, _ in documents(None)]
-    return header + "".join(parts)
+    crds = [f"---\n# Source: {p.relative_to(CHART.parent)}\n{text.strip()}\n"
+            for p, text in crd_documents()]  # fmt: skip
+    return header + "".join(crds) + "".join(parts)
+
+
+def crd_documents() -> list[tuple[Path, str]]:
+    """The chart's crds/ (Helm installs them and never renders or deletes them)."""
+    docs = []
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        for part in re.split(r"^---[ \t]*$", path.read_text(), flags=re.MULTILINE):
+            if yaml.safe_load(part) is not None:
+                docs.append((path, part))
+    return docs
 
 
 def merged(values: Obj | None) -> Obj:
@@ -233,13 +264,17 @@ def of_kind(objs: list[Obj], kind: str) -> list[Obj]:
     return [o for o in objs if o["kind"] == kind]
 
 
-def pod_spec(objs: list[Obj]) -> Obj:
-    spec: Obj = one(objs, "DaemonSet")["spec"]["template"]["spec"]
+def pod_spec(objs: list[Obj], kind: str = "DaemonSet") -> Obj:
+    spec: Obj = one(objs, kind)["spec"]["template"]["spec"]
     return spec
 
 
-def containers(objs: list[Obj]) -> dict[str, Obj]:
-    return {c["name"]: c for c in pod_spec(objs)["containers"]}
+def containers(objs: list[Obj], kind: str = "DaemonSet") -> dict[str, Obj]:
+    return {c["name"]: c for c in pod_spec(objs, kind)["containers"]}
+
+
+def controller(objs: list[Obj]) -> dict[str, Obj]:
+    return containers(objs, "Deployment")
 
 
 def flag(args: list[str], name: str) -> str:
@@ -402,34 +437,47 @@ def test_values_file_violating_the_schema_is_rejected(tmp_path: Path) -> None:
 # --- the plugin container -----------------------------------------------------------------
 
 
+def csi_vduse_containers(objs: list[Obj]) -> dict[str, Obj]:
+    """Every container that runs the csi-vduse image: the node plugin, its agent and the
+    controller's plugin."""
+    return {
+        "node plugin": containers(objs)["csi-vduse"], "agent": containers(objs)["agent"],
+        "controller plugin": controller(objs)["csi-vduse"],
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_plugin_flags_exist_in_the_cli(name: str) -> None:
-    args = containers(objects(VALUE_SETS[name]))["csi-vduse"]["args"]
-    assert "serve" in args, args
-    where = args.index("serve")
-    helps = {"global": help_text([]), "serve": help_text(["serve"])}
-    for i, arg in enumerate(args):
-        if arg == "serve":
-            continue
-        assert arg.startswith("--"), f"unexpected argument {arg!r}"
-        option = arg.split("=", 1)[0]
-        scope = "global" if i < where else "serve"
-        assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", helps[scope]), (
-            f"{option} is not a {scope} flag of csi-vduse (`csi-vduse "
-            f"{'' if scope == 'global' else 'serve '}--help`)"
-        )
+    for which, container in csi_vduse_containers(objects(VALUE_SETS[name])).items():
+        args = container["args"]
+        command = "agent" if which == "agent" else "serve"
+        assert command in args, args
+        where = args.index(command)
+        helps = {"global": help_text([]), command: help_text([command])}
+        for i, arg in enumerate(args):
+            if arg == command:
+                continue
+            assert arg.startswith("--"), f"{which}: unexpected argument {arg!r}"
+            option = arg.split("=", 1)[0]
+            scope = "global" if i < where else command
+            assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", helps[scope]), (
+                f"{which}: {option} is not a {scope} flag of csi-vduse (`csi-vduse "
+                f"{'' if scope == 'global' else command + ' '}--help`)"
+            )
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_plugin_env_names_serve_settings(name: str) -> None:
-    env = containers(objects(VALUE_SETS[name]))["csi-vduse"].get("env", [])
-    names = [e["name"] for e in env if e["name"].startswith("CSI_VDUSE_")]
-    assert "CSI_VDUSE_NODE_ID" in names
-    for env_name in names:
-        field = env_name.removeprefix("CSI_VDUSE_").lower()
-        assert field in ServeConfig.model_fields, f"{env_name}: ServeConfig has no {field}"
-    node_id = next(e for e in env if e["name"] == "CSI_VDUSE_NODE_ID")
-    assert node_id["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    for which, container in csi_vduse_containers(objects(VALUE_SETS[name])).items():
+        settings = AgentConfig if which == "agent" else ServeConfig
+        env = container.get("env", [])
+        names = [e["name"] for e in env if e["name"].startswith("CSI_VDUSE_")]
+        assert "CSI_VDUSE_NODE_ID" in names
+        for env_name in names:
+            field = env_name.removeprefix("CSI_VDUSE_").lower()
+            assert field in settings.model_fields, f"{which}: {env_name} is no setting"
+        node_id = next(e for e in env if e["name"] == "CSI_VDUSE_NODE_ID")
+        assert node_id["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
 @pytest.fixture
@@ -455,16 +503,7 @@ def test_plugin_starts_with_the_charts_settings(name: str, monkeypatch: pytest.M
         return 0
 
     monkeypatch.setattr(csi_vduse.csi.server, "serve", fake_serve)
-    for key in [k for k in os.environ if k.startswith("CSI_VDUSE_")]:
-        monkeypatch.delenv(key)
-    for env in plugin.get("env", []):
-        value = env.get("value")
-        if value is None and env["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName":
-            value = "node-1"
-        assert value is not None, env
-        monkeypatch.setenv(env["name"], value)
-    assert "command" not in plugin, "the image's ENTRYPOINT is csi-vduse"
-    assert cli.main(plugin["args"]) == 0
+    assert run_with_env(plugin, monkeypatch) == 0
     (config,) = seen
     assert config.node_id == "node-1"
     assert config.driver_name == values["driverName"]
@@ -479,6 +518,42 @@ def test_plugin_starts_with_the_charts_settings(name: str, monkeypatch: pytest.M
     kubelet, driver = values["kubeletDir"], values["driverName"]
     assert config.registration_socket == Path(f"{kubelet}/plugins_registry/{driver}-reg.sock")
     assert config.kubelet_endpoint == f"{kubelet}/plugins/{driver}/csi.sock"
+    assert config.controller_scope == "node"
+
+    seen.clear()
+    assert run_with_env(controller(objects(VALUE_SETS[name]))["csi-vduse"], monkeypatch) == 0
+    (config,) = seen
+    assert config.components == ("identity", "controller")
+    assert config.controller_scope == "cluster" and config.kubeconfig is None  # in-cluster
+    assert config.driver_name == values["driverName"]
+    assert config.agent_wait == values["controller"]["agentWaitSeconds"]
+    assert config.health_address == f":{values['controller']['healthPort']}"
+
+    agents: list[AgentConfig] = []
+
+    def fake_agent(config: AgentConfig) -> int:
+        agents.append(config)
+        return 0
+
+    monkeypatch.setattr(csi_vduse.cluster.run, "run_agent", fake_agent)
+    assert run_with_env(containers(objects(VALUE_SETS[name]))["agent"], monkeypatch) == 0
+    (agent,) = agents
+    assert agent.node_id == "node-1" and agent.kubeconfig is None
+    assert f"unix://{agent.endpoint.removeprefix('unix://')}" == flag(plugin["args"], "--endpoint")
+
+
+def run_with_env(container: Obj, monkeypatch: pytest.MonkeyPatch) -> int:
+    """cli.main with the container's args and environment (spec.nodeName = node-1)."""
+    for key in [k for k in os.environ if k.startswith("CSI_VDUSE_")]:
+        monkeypatch.delenv(key)
+    for env in container.get("env", []):
+        value = env.get("value")
+        if value is None and env["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName":
+            value = "node-1"
+        assert value is not None, env
+        monkeypatch.setenv(env["name"], value)
+    assert "command" not in container, "the image's ENTRYPOINT is csi-vduse"
+    return cli.main(container["args"])
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -495,15 +570,27 @@ def test_one_socket_shared_by_plugin_sidecars_and_kubelet(name: str) -> None:
     kubelet_socket = f"{values['kubeletDir']}/plugins/{values['driverName']}/csi.sock"
     assert socket == kubelet_socket
 
-    sidecars = [s for s in SIDECARS if s in by_name]
+    agent = by_name["agent"]
+    assert (
+        host_mount(spec, agent, flag(agent["args"], "--endpoint").removeprefix("unix://"))[0]
+        == socket
+    )
+    assert flag(plugin["args"], "--kubelet-endpoint") == kubelet_socket
+    assert not [s for s in SIDECARS if s in by_name], "the sidecars run in the controller"
+
+    # the controller: its sidecars dial its plugin's socket, in a volume of their own pod
+    ctl, ctl_spec = controller(objs), pod_spec(objs, "Deployment")
+    sidecars = [s for s in SIDECARS if s in ctl]
     switched = {"csi-resizer": values["resizer"]["enabled"],
                 "csi-snapshotter": values["snapshotter"]["enabled"]}  # fmt: skip
     assert sidecars == [s for s in SIDECARS if switched.get(s, True)]
+    own = flag(ctl["csi-vduse"]["args"], "--endpoint").removeprefix("unix://")
+    volumes = {v["name"]: v for v in ctl_spec["volumes"]}
     for sidecar in sidecars:
-        address = flag(by_name[sidecar]["args"], "--csi-address")
-        assert host_mount(spec, by_name[sidecar], address)[0] == socket, sidecar
-
-    assert flag(plugin["args"], "--kubelet-endpoint") == kubelet_socket
+        assert flag(ctl[sidecar]["args"], "--csi-address") == own, sidecar
+        (mount,) = ctl[sidecar]["volumeMounts"]
+        assert own.startswith(mount["mountPath"] + "/")
+        assert "emptyDir" in volumes[mount["name"]]
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -614,66 +701,100 @@ def test_probe_paths_are_what_the_plugin_serves() -> None:
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_provisioner_runs_per_node(name: str) -> None:
+def test_one_controller_elects_a_leader_among_its_sidecars(name: str) -> None:
     values = merged(VALUE_SETS[name])
     objs = objects(VALUE_SETS[name])
-    provisioner = containers(objs)["csi-provisioner"]
+    deployment = one(objs, "Deployment")
+    assert deployment["spec"]["replicas"] == values["controller"]["replicas"]
+    spec, ctl = pod_spec(objs, "Deployment"), controller(objs)
+    assert spec.get("hostNetwork", False) is values["controller"]["hostNetwork"]
+    assert spec.get("nodeSelector", {}) == values["controller"]["nodeSelector"]
+    assert spec.get("tolerations", []) == values["controller"]["tolerations"]
+    assert "privileged" not in ctl["csi-vduse"]["securityContext"]
+    assert not [v for v in spec["volumes"] if "hostPath" in v], "the controller needs no host"
+    for sidecar in [s for s in SIDECARS if s in ctl]:
+        args = ctl[sidecar]["args"]
+        assert "--leader-election=true" in args, sidecar
+        assert flag(args, "--leader-election-namespace") == NAMESPACE
+        assert not [a for a in args if a.startswith("--node-deployment")], sidecar
+    provisioner = ctl["csi-provisioner"]
     args = provisioner["args"]
-    for required in (
-        "--node-deployment=true", "--strict-topology=true",
-        "--immediate-topology=false", "--extra-create-metadata=true", "--leader-election=false",
-    ):  # fmt: skip
+    for required in ("--strict-topology=true", "--extra-create-metadata=true"):
         assert required in args
     # Topology is GA; newer provisioners refuse the gate
     assert not [a for a in args if a.startswith("--feature-gates")]
     assert flag(args, "--default-fstype") == values["defaultFsType"]
-    env = {e["name"]: e for e in provisioner["env"]}
-    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    env = {e["name"]: e for e in provisioner.get("env", [])}
     capacity = values["storageCapacity"]
     assert one(objs, "CSIDriver")["spec"]["storageCapacity"] is capacity
     assert ("--enable-capacity=true" in args) is capacity
+    if capacity:  # pod -> ReplicaSet -> Deployment owns the CSIStorageCapacity objects
+        assert flag(args, "--capacity-ownerref-level") == "2"
     assert ({"NAMESPACE", "POD_NAME"} <= set(env)) is capacity
     roles = of_kind(objs, "Role")
     resources = {r for role in roles for rule in role["rules"] for r in rule["resources"]}
     assert ("csistoragecapacities" in resources) is capacity
-
-
-@pytest.mark.parametrize("name", VALUE_SETS)
-def test_resizer_runs_without_leader_election(name: str) -> None:
-    values = merged(VALUE_SETS[name])
-    objs = objects(VALUE_SETS[name])
-    by_name = containers(objs)
+    assert "leases" in resources
     enabled = values["resizer"]["enabled"]
-    assert ("csi-resizer" in by_name) is enabled
+    assert ("csi-resizer" in ctl) is enabled
     assert (
         any(o["metadata"]["name"].endswith("-resizer") for o in of_kind(objs, "ClusterRole"))
         is enabled
     )
-    if enabled:
-        assert "--leader-election=false" in by_name["csi-resizer"]["args"]
-    # No sidecar elects a leader, so nothing may touch leases.
-    rules = [rule for o in objs if o["kind"] in ("Role", "ClusterRole") for rule in o["rules"]]
-    assert not any("leases" in rule["resources"] for rule in rules)
+
+
+def rules_of(role: Obj) -> dict[tuple[str, str], set[str]]:
+    return {(g, r): set(rule["verbs"]) for rule in role["rules"]
+            for g in rule["apiGroups"] for r in rule["resources"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_rbac_is_bound_to_the_pods_account_and_least_privilege(name: str) -> None:
+    values = merged(VALUE_SETS[name])
     objs = objects(VALUE_SETS[name])
-    account = pod_spec(objs)["serviceAccountName"]
-    created = [o["metadata"]["name"] for o in of_kind(objs, "ServiceAccount")]
-    assert created == ([account] if merged(VALUE_SETS[name])["serviceAccount"]["create"] else [])
+    node_account = pod_spec(objs)["serviceAccountName"]
+    controller_account = pod_spec(objs, "Deployment")["serviceAccountName"]
+    assert node_account != controller_account
+    created = sorted(o["metadata"]["name"] for o in of_kind(objs, "ServiceAccount"))
+    wanted = sorted([node_account, controller_account])
+    assert created == (wanted if values["serviceAccount"]["create"] else [])
     roles = {(o["kind"], o["metadata"]["name"]): o for o in objs if o["kind"].endswith("Role")}
     bindings = of_kind(objs, "ClusterRoleBinding") + of_kind(objs, "RoleBinding")
     assert len(bindings) == len(roles)
     for binding in bindings:
+        ref = (binding["roleRef"]["kind"], binding["roleRef"]["name"])
+        assert ref in roles
+        account = node_account if ref[1].endswith("-agent") else controller_account
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
-        ]
-        assert (binding["roleRef"]["kind"], binding["roleRef"]["name"]) in roles
+        ], ref
     for role in roles.values():
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
             assert "secrets" not in rule["resources"], "the driver uses no secrets"
+    # the agents act on their objects and report; only the controller creates or deletes them
+    (agent,) = [r for (_, n), r in roles.items() if n.endswith("-agent")]
+    granted = rules_of(agent)
+    assert granted[("vduse.csi.dev", "vdusevolumes")] == {"get", "list", "watch", "patch"}
+    assert granted[("vduse.csi.dev", "vdusevolumes/status")] == {"patch"}
+    assert {g for g, _ in granted} == {"vduse.csi.dev"}
+    (ctl,) = [r for (_, n), r in roles.items() if n.endswith("-controller")]
+    assert "delete" in rules_of(ctl)[("vduse.csi.dev", "vdusevolumes")]
+    assert ("vduse.csi.dev", "vdusevolumes/status") not in rules_of(ctl)
+
+
+def test_crds_are_what_the_code_reads_and_writes() -> None:
+    crds = {yaml.safe_load(text)["spec"]["names"]["plural"]: yaml.safe_load(text)
+            for _, text in crd_documents()}  # fmt: skip
+    assert set(crds) == {resources.VOLUMES, resources.SNAPSHOTS, resources.NODES}
+    for crd in crds.values():
+        assert crd["spec"]["group"] == resources.GROUP
+        assert crd["spec"]["scope"] == "Cluster"
+        assert [v["name"] for v in crd["spec"]["versions"]] == [resources.VERSION]
+        kubernetes_validate.validate(crd, KUBE_VERSIONS[0], strict=True)
+    for plural in (resources.VOLUMES, resources.SNAPSHOTS):
+        (version,) = crds[plural]["spec"]["versions"]
+        assert version["subresources"] == {"status": {}}, "observedGeneration needs it"
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -755,11 +876,11 @@ def test_volume_attributes_classes(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_snapshotter_runs_per_node_with_its_classes(name: str) -> None:
+def test_snapshotter_runs_in_the_controller_with_its_classes(name: str) -> None:
     values = merged(VALUE_SETS[name])
     objs = objects(VALUE_SETS[name])
     enabled = values["snapshotter"]["enabled"]
-    sidecar = containers(objs).get("csi-snapshotter")
+    sidecar = controller(objs).get("csi-snapshotter")
     assert (sidecar is not None) is enabled
     classes = of_kind(objs, "VolumeSnapshotClass")
     roles = [
@@ -770,11 +891,6 @@ def test_snapshotter_runs_per_node_with_its_classes(name: str) -> None:
         assert not classes
         return
     assert sidecar is not None
-    args = sidecar["args"]
-    for required in ("--node-deployment=true", "--leader-election=false"):
-        assert required in args
-    env = {e["name"]: e for e in sidecar["env"]}
-    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert [c["metadata"]["name"] for c in classes] == sorted(
         c["name"] for c in values["volumeSnapshotClasses"]
     )
@@ -840,14 +956,16 @@ def pod_spec_labels(objs: list[Obj]) -> Obj:
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_only_the_sidecars_get_an_api_token(name: str) -> None:
+def test_only_the_agent_gets_an_api_token_on_the_nodes(name: str) -> None:
     objs = objects(VALUE_SETS[name])
     spec = pod_spec(objs)
     assert spec["automountServiceAccountToken"] is False
     token_path = "/var/run/secrets/kubernetes.io/serviceaccount"
     for container_name, container in containers(objs).items():
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-        assert (token_path in mounts) is (container_name in SIDECARS), container_name
+        assert (token_path in mounts) is (container_name == "agent"), container_name
+    # every container of the controller calls the API, none is privileged
+    assert pod_spec(objs, "Deployment").get("automountServiceAccountToken", True) is True
     (api,) = [v for v in spec["volumes"] if v["name"] == "api-token"]
     kinds = [next(iter(source)) for source in api["projected"]["sources"]]
     assert kinds == ["serviceAccountToken", "configMap", "downwardAPI"]
@@ -876,22 +994,21 @@ def test_update_strategy_defaults_to_on_delete_with_the_reason() -> None:
 
 
 IMAGES = {
-    "plugin": "csi-vduse", "provisioner": "csi-provisioner", "resizer": "csi-resizer",
-    "snapshotter": "csi-snapshotter",
+    "csi-vduse": "plugin", "agent": "plugin", "csi-provisioner": "provisioner",
+    "csi-resizer": "resizer", "csi-snapshotter": "snapshotter",
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_images_are_pinned(name: str) -> None:
     values = merged(VALUE_SETS[name])
-    by_name = containers(objects(VALUE_SETS[name]))
+    objs = objects(VALUE_SETS[name])
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-    assert set(by_name) <= set(IMAGES.values())
-    for key, container in IMAGES.items():
-        if container not in by_name:
-            continue
+    pods = [containers(objs), controller(objs)]
+    for container in [c for pod in pods for c in pod.values()]:
+        key = IMAGES[container["name"]]
         wanted = values["images"][key]
-        image = by_name[container]["image"]
+        image = container["image"]
         if wanted.get("digest"):
             assert image == f"{wanted['repository']}@{wanted['digest']}"
         else:

@@ -25,6 +25,14 @@
 {{- end -}}
 {{- end -}}
 
+{{- define "csi-vduse.controllerServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-controller" (include "csi-vduse.fullname" .)) .Values.serviceAccount.controllerName -}}
+{{- else -}}
+{{- required "serviceAccount.controllerName is required when serviceAccount.create is false" .Values.serviceAccount.controllerName -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Labels --------------------------------------------------------------- */}}
 
 {{- define "csi-vduse.labels" -}}
@@ -40,6 +48,12 @@ app.kubernetes.io/part-of: csi-vduse
 app.kubernetes.io/name: {{ include "csi-vduse.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: node
+{{- end -}}
+
+{{- define "csi-vduse.controllerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "csi-vduse.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: controller
 {{- end -}}
 
 {{/* Images: (list <image values> <default tag>) -> repository:tag or repository@digest */}}
