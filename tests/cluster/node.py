@@ -142,8 +142,7 @@ class Node:
 
     def install_snapshot_addon(self, crds: list[Path]) -> None:
         """What a cluster admin installs before snapshots work: the VolumeSnapshot CRDs and
-        snapshot-controller, labelling each content with its volume's node for the
-        node-local csi-snapshotter."""
+        snapshot-controller, as its defaults have it."""
         assert self.plane is not None
         for crd in crds:
             self.kubectl("apply", "-f", str(crd))
@@ -152,7 +151,7 @@ class Node:
         kubeconfig = self.plane.admin_kubeconfig
         self._spawn("snapshot-controller", [
             str(component_path("snapshot-controller")), f"--kubeconfig={kubeconfig}",
-            "--leader-election=false", "--enable-distributed-snapshotting=true", "--v=2",
+            "--leader-election=false", "--v=2",
         ])  # fmt: skip
 
     def check_alive(self) -> None:
