@@ -91,7 +91,7 @@ class Agent:
                 new.update(condition=self._condition(name))
             else:
                 acted = True
-                new.update(self._ensure_volume(name, spec))
+                new.update(self._ensure_volume(name, spec, bool(status.get("ready"))))
                 if FINALIZER not in finalizers and not self._add_finalizer(VOLUMES, obj):
                     # the controller gave up on this create: no one was handed the volume
                     self._call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=name))
@@ -100,10 +100,14 @@ class Agent:
         except Failed as e:
             log.warning("%s: %s %s", name, e.code, e.message)
             new.update(code=e.code, message=e.message)
+            if status.get("ready") and e.code in ("NOT_FOUND", "FAILED_PRECONDITION"):
+                new.update(condition={"abnormal": True, "message": e.message})
         self._write_status(VOLUMES, obj, new)
         return acted
 
-    def _ensure_volume(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def _ensure_volume(self, name: str, spec: dict[str, Any], created: bool) -> dict[str, Any]:
+        """Creates the volume (once: a volume this node had and lost is reported, never
+        made again empty), then applies what the spec asks of it."""
         request = pb.CreateVolumeRequest(
             name=spec["name"],
             capacity_range=pb.CapacityRange(
@@ -126,6 +130,11 @@ class Agent:
         except Failed as e:
             if e.code != "NOT_FOUND":
                 raise
+            if created:
+                raise Failed(
+                    "FAILED_PRECONDITION", f"the volume is gone from node {self.node_id}'s "
+                    "data dir (it was created there): not made again",
+                ) from None  # fmt: skip
             volume = self._call("CreateVolume", request).volume
             if volume.volume_id != name:
                 raise Failed(

@@ -9,6 +9,7 @@ from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from csi_vduse.cluster.resources import GROUP, VERSION
 from csi_vduse.errors import Unavailable
@@ -44,7 +45,7 @@ class Resources:
             if e.status in (404, 409, 422):
                 raise
             raise Unavailable(f"Kubernetes API: {e.status} {e.reason}") from None
-        except OSError as e:  # urllib3 connection errors are OSErrors underneath
+        except (OSError, HTTPError) as e:  # connection refused, reset, timed out
             raise Unavailable(f"Kubernetes API unreachable: {e}") from None
 
     def get(self, plural: str, name: str) -> Object | None:
@@ -116,3 +117,5 @@ class Resources:
             if e.status == 410:
                 raise Gone() from None
             raise Unavailable(f"watch of {plural}: {e.status} {e.reason}") from None
+        except (OSError, HTTPError) as e:
+            raise Unavailable(f"watch of {plural}: {e}") from None

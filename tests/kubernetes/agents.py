@@ -9,11 +9,14 @@ its agent. Used by test_agents.py inside the lab cluster, and runnable on a host
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -61,7 +64,30 @@ def at(node: str) -> pb.TopologyRequirement:
     return pb.TopologyRequirement(requisite=[segment], preferred=[segment])
 
 
-def create(plugin: Plugin, name: str, size: int, node: str | None = None,
+class Retrying:
+    """A Controller stub that does what the sidecars do with ABORTED (the agent has not
+    answered yet, which under software emulation takes a while): call again."""
+
+    def __init__(self, stub: Any, seconds: float = 300) -> None:
+        self.stub, self.seconds = stub, seconds
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.stub, name)
+
+        def call(request: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + self.seconds
+            while True:
+                try:
+                    return method(request, **kwargs)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+
+        return call
+
+
+def create(stub: Any, name: str, size: int, node: str | None = None,
            source: pb.VolumeContentSource | None = None) -> pb.Volume:  # fmt: skip
     request = pb.CreateVolumeRequest(
         name=name, capacity_range=pb.CapacityRange(required_bytes=size),
@@ -71,7 +97,7 @@ def create(plugin: Plugin, name: str, size: int, node: str | None = None,
         request.accessibility_requirements.CopyFrom(at(node))
     if source is not None:
         request.volume_content_source.CopyFrom(source)
-    volume: pb.Volume = plugin.controller.CreateVolume(request, timeout=120).volume
+    volume: pb.Volume = stub.CreateVolume(request, timeout=120).volume
     return volume
 
 
@@ -114,13 +140,27 @@ def exercise(kubeconfig: Path, root: Path) -> None:
             plugin.stop()
         for path in sorted(root.glob("*/*.log")):
             print(f"--- {path}\n{path.read_text()[-6000:]}")
-        kubectl(kubeconfig, "delete", "--ignore-not-found", "vdusenodes", *nodes)
+        forget(kubeconfig, list(nodes))
+
+
+def forget(kubeconfig: Path, nodes: list[str]) -> None:
+    """After a failed check, what its agents left: their objects go, finalizers and all, so
+    that the next test starts from a clean API server."""
+    selector = f"vduse.csi.dev/node in ({','.join(nodes)})"
+    for name in kubectl(kubeconfig, "get", "vdusevolumes,vdusesnapshots", "-l", selector,
+                        "-o", "name").split():  # fmt: skip
+        with contextlib.suppress(subprocess.CalledProcessError):  # gone meanwhile
+            kubectl(kubeconfig, "patch", name, "--type=merge", "-p",
+                    '{"metadata":{"finalizers":null}}')  # fmt: skip
+            kubectl(kubeconfig, "delete", "--ignore-not-found", "--wait=false", name)
+    kubectl(kubeconfig, "delete", "--ignore-not-found", "vdusenodes", *nodes)
 
 
 def check(
     controller: Plugin, nodes: dict[str, Plugin], agents: dict[str, Agent], kubeconfig: Path
 ) -> None:
-    capacity = controller.controller.GetCapacity
+    ctl = Retrying(controller.controller)
+    capacity = ctl.GetCapacity
     wait_for("both agents' free space", lambda: all(
         capacity(pb.GetCapacityRequest(accessible_topology=pb.Topology(segments={KEY: n})))
         .available_capacity > 0 for n in nodes
@@ -129,21 +169,21 @@ def check(
     def image(node: str, volume_id: str, kind: str = "volumes") -> Path:
         return nodes[node].root / "data" / kind / f"{volume_id}.img"
 
-    volume = create(controller, "claim-on-b", 64 * MiB, "node-b")
+    volume = create(ctl, "claim-on-b", 64 * MiB, "node-b")
     assert node_of(volume) == "node-b"
     assert image("node-b", volume.volume_id).stat().st_size == 64 * MiB
     assert not image("node-a", volume.volume_id).exists()
-    assert create(controller, "claim-on-b", 64 * MiB, "node-b").volume_id == volume.volume_id
-    code, _ = error_of(lambda: create(controller, "claim-on-b", 256 * MiB, "node-b"))
+    assert create(ctl, "claim-on-b", 64 * MiB, "node-b").volume_id == volume.volume_id
+    code, _ = error_of(lambda: create(ctl, "claim-on-b", 256 * MiB, "node-b"))
     assert code == grpc.StatusCode.ALREADY_EXISTS
 
     # expansion and ModifyVolume of a volume that lives on another node than the controller
-    expanded = controller.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+    expanded = ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
         volume_id=volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=128 * MiB),
     ), timeout=60)  # fmt: skip
     assert expanded.capacity_bytes == 128 * MiB and expanded.node_expansion_required
     assert image("node-b", volume.volume_id).stat().st_size == 128 * MiB
-    controller.controller.ControllerModifyVolume(
+    ctl.ControllerModifyVolume(
         pb.ControllerModifyVolumeRequest(
             volume_id=volume.volume_id, mutable_parameters={"writeIOPS": "100"}
         ),
@@ -153,7 +193,7 @@ def check(
         pb.ControllerGetVolumeRequest(volume_id=volume.volume_id)).volume  # fmt: skip
     assert record.capacity_bytes == 128 * MiB
     code, _ = error_of(
-        lambda: controller.controller.ControllerModifyVolume(
+        lambda: ctl.ControllerModifyVolume(
             pb.ControllerModifyVolumeRequest(
                 volume_id=volume.volume_id, mutable_parameters={"queues": "4"}
             ),
@@ -161,14 +201,14 @@ def check(
         )
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    code, _ = error_of(lambda: controller.controller.ControllerExpandVolume(
+    code, _ = error_of(lambda: ctl.ControllerExpandVolume(
         pb.ControllerExpandVolumeRequest(volume_id=volume.volume_id,
                                          capacity_range=pb.CapacityRange(required_bytes=1 << 55)),
         timeout=60))  # fmt: skip
     assert code == grpc.StatusCode.OUT_OF_RANGE
 
     # a snapshot stays on its volume's node, and so does what is restored from it
-    snapshot = controller.controller.CreateSnapshot(
+    snapshot = ctl.CreateSnapshot(
         pb.CreateSnapshotRequest(name="snap-on-b", source_volume_id=volume.volume_id), timeout=120
     ).snapshot
     assert snapshot.ready_to_use and snapshot.size_bytes == 128 * MiB
@@ -176,41 +216,50 @@ def check(
     source = pb.VolumeContentSource(
         snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
     )
-    code, _ = error_of(lambda: create(controller, "restore", 128 * MiB, "node-a", source))
+    code, _ = error_of(lambda: create(ctl, "restore", 128 * MiB, "node-a", source))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    restored = create(controller, "restore", 128 * MiB, None, source)
+    restored = create(ctl, "restore", 128 * MiB, None, source)
     assert node_of(restored) == "node-b" and image("node-b", restored.volume_id).exists()
-    listed = controller.controller.ListVolumes(pb.ListVolumesRequest(max_entries=1))
-    rest = controller.controller.ListVolumes(
-        pb.ListVolumesRequest(starting_token=listed.next_token)
-    )
+    listed = ctl.ListVolumes(pb.ListVolumesRequest(max_entries=1))
+    rest = ctl.ListVolumes(pb.ListVolumesRequest(starting_token=listed.next_token))
     ids = {e.volume.volume_id for e in [*listed.entries, *rest.entries]}
     assert ids == {volume.volume_id, restored.volume_id}
 
+    # a volume its node lost (a wiped data dir) is reported, never made again empty
+    lost = create(ctl, "claim-lost", 32 * MiB, "node-b")
+    for path in (nodes["node-b"].root / "data" / "volumes").glob(f"{lost.volume_id}.*"):
+        path.unlink()
+
+    def condition() -> pb.VolumeCondition:
+        reply = ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=lost.volume_id))
+        found: pb.VolumeCondition = reply.status.volume_condition
+        return found
+
+    wait_for("the lost volume's abnormal condition", lambda: condition().abnormal)
+    assert "not made again" in condition().message
+    assert not image("node-b", lost.volume_id).exists()
+    ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=lost.volume_id))
+
     # a node whose agent is away: ABORTED (the sidecar retries), then done once it is back
-    on_a = create(controller, "claim-on-a", 32 * MiB, "node-a")
+    on_a = create(ctl, "claim-on-a", 32 * MiB, "node-a")
     assert node_of(on_a) == "node-a" and image("node-a", on_a.volume_id).exists()
     agents["node-a"].stop()
-    code, _ = error_of(lambda: create(controller, "while-a-is-away", 32 * MiB, "node-a"))
+    code, _ = error_of(lambda: create(controller.controller, "while-a-is-away", 32 * MiB, "node-a"))
     assert code == grpc.StatusCode.ABORTED
     agents["node-a"].start()
-    assert node_of(create(controller, "while-a-is-away", 32 * MiB, "node-a")) == "node-a"
+    assert node_of(create(ctl, "while-a-is-away", 32 * MiB, "node-a")) == "node-a"
 
     # deletes go through each node's agent; the finalizers hold the objects until done
     for volume_id in (restored.volume_id, on_a.volume_id):
-        controller.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=60)
-    controller.controller.DeleteSnapshot(
-        pb.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id), timeout=60
-    )
-    controller.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id),
+        ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=60)
+    ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id), timeout=60)
+    ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id),
                                        timeout=60)  # fmt: skip
     assert not image("node-b", volume.volume_id).exists()
     assert not image("node-b", snapshot.snapshot_id, "snapshots").exists()
     left = kubectl(kubeconfig, "get", "vdusevolumes,vdusesnapshots", "-o", "name").split()
     assert left == [f"vdusevolume.vduse.csi.dev/{volume_id_for('while-a-is-away')}"]
-    controller.controller.DeleteVolume(
-        pb.DeleteVolumeRequest(volume_id=volume_id_for("while-a-is-away")), timeout=60
-    )
+    ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id_for("while-a-is-away")), timeout=60)
     assert not kubectl(kubeconfig, "get", "vdusevolumes,vdusesnapshots", "-o", "name").split()
     assert not list((nodes["node-a"].root / "data" / "volumes").glob("*.img"))
 

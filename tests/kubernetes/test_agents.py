@@ -69,4 +69,4 @@ def test_0b_csi_sanity_through_the_cluster_controller(cluster: Node) -> None:
         controller.stop()
         for log in (root / "node" / "agent.log", root / "controller" / "plugin.log"):
             print(f"--- {log}\n{log.read_text()[-4000:]}")
-        agents.kubectl(kubeconfig, "delete", "--ignore-not-found", "vdusenodes", "sanity-node")
+        agents.forget(kubeconfig, ["sanity-node"])
