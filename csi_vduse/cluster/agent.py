@@ -258,7 +258,13 @@ class Agent:
                 ):
                     if self.stopping.is_set():
                         return
-                    if kind in ("ADDED", "MODIFIED") and self._guarded(reconcile, obj, False):
+                    if kind not in ("ADDED", "MODIFIED"):
+                        continue
+                    # The event's copy can be older than what this agent already wrote
+                    # (its own finalizer patch, before the status): act on the object as
+                    # it is now, or a volume lost since would look never created.
+                    current = self.resources.get(plural, obj["metadata"]["name"])
+                    if current is not None and self._guarded(reconcile, current, False):
                         self._guarded(lambda _, __: self.publish_capacity(), {}, False)
             except Gone:
                 continue
