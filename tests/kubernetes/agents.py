@@ -235,8 +235,9 @@ def check(
         found: pb.VolumeCondition = reply.status.volume_condition
         return found
 
-    wait_for("the lost volume's abnormal condition", lambda: condition().abnormal)
-    assert "not made again" in condition().message
+    # first NOT_FOUND (its condition), then the refusal to make it again, a pass later
+    wait_for("the lost volume reported, not made again", lambda: condition().abnormal
+             and "not made again" in condition().message)  # fmt: skip
     assert not image("node-b", lost.volume_id).exists()
     ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=lost.volume_id))
 
