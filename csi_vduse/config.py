@@ -67,6 +67,12 @@ def _components(value: object) -> tuple[str, ...]:
     return names
 
 
+LogLevel = Annotated[
+    str, BeforeValidator(lambda v: str(v).lower()), Field(pattern="^(debug|info|warning|error)$")
+]
+LogFormat = Annotated[str, Field(pattern="^(json|text)$")]
+
+
 class ServeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CSI_VDUSE_", extra="forbid", frozen=True)
 
@@ -85,12 +91,8 @@ class ServeConfig(BaseSettings):
     registration_dir: Annotated[Path | None, BeforeValidator(_empty_is_none)] = None
     # the CSI socket's path as the kubelet sees it on the host (told to the kubelet)
     kubelet_endpoint: Annotated[str, AfterValidator(_kubelet_endpoint)] = ""
-    log_level: Annotated[
-        str,
-        BeforeValidator(lambda v: str(v).lower()),
-        Field(pattern="^(debug|info|warning|error)$"),
-    ] = "info"
-    log_format: Annotated[str, Field(pattern="^(json|text)$")] = "json"
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
     # node: the controller serves this node's data dir; cluster: every node's, through the
     # VduseVolume/VduseSnapshot objects their agents act on
     controller_scope: Literal["node", "cluster"] = "node"
@@ -140,9 +142,5 @@ class AgentConfig(BaseSettings):
     kubeconfig: Annotated[Path | None, BeforeValidator(_empty_is_none)] = None
     # seconds between full passes (failed actions retried, free space published)
     resync_interval: Annotated[int, Field(ge=5, le=3600)] = 30
-    log_level: Annotated[
-        str,
-        BeforeValidator(lambda v: str(v).lower()),
-        Field(pattern="^(debug|info|warning|error)$"),
-    ] = "info"
-    log_format: Annotated[str, Field(pattern="^(json|text)$")] = "json"
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"

@@ -30,10 +30,13 @@ from csi_vduse.csi import capabilities
 from csi_vduse.csi.controller import (
     CAPABILITIES,
     RPC,
+    check_snapshot_parameters,
     content_source,
     is_snapshot_id,
     is_volume_id,
     paginate,
+    unservable,
+    validation,
 )
 from csi_vduse.csi.errors import rpc
 from csi_vduse.csi.proto import csi_pb2 as pb
@@ -41,7 +44,6 @@ from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from csi_vduse.lifecycle.capacity import pick_capacity
 from csi_vduse.lifecycle.provisioning import (
-    K8S_PARAM_PREFIX,
     Source,
     check_name,
     fit_reason,
@@ -235,30 +237,7 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
     ) -> pb.ValidateVolumeCapabilitiesResponse:
         volume_id_or_raise(request.volume_id)
         obj = self._existing(VOLUMES, request.volume_id, "volume")
-        if not request.volume_capabilities:
-            raise InvalidArgument("volume_capabilities is required")
-        own = parse_parameters(obj["spec"]["parameters"])
-        if request.parameters:
-            try:
-                differ = parse_parameters(dict(request.parameters)) != own
-            except InvalidArgument as e:
-                return pb.ValidateVolumeCapabilitiesResponse(message=str(e))
-            if differ:
-                return pb.ValidateVolumeCapabilitiesResponse(
-                    message="the parameters differ from the volume's"
-                )
-        for cap in request.volume_capabilities:
-            reason = capabilities.unsupported(cap) or fit_reason(
-                own, cap.WhichOneof("access_type") == "block"
-            )
-            if reason:
-                return pb.ValidateVolumeCapabilitiesResponse(message=reason)
-        confirmed = pb.ValidateVolumeCapabilitiesResponse.Confirmed(
-            volume_context=request.volume_context,
-            volume_capabilities=request.volume_capabilities,
-            parameters=request.parameters,
-        )
-        return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+        return validation(parse_parameters(obj["spec"]["parameters"]), request)
 
     @rpc
     def ListVolumes(self, request: Any, context: Any) -> pb.ListVolumesResponse:
@@ -286,11 +265,8 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
 
     @rpc
     def GetCapacity(self, request: Any, context: Any) -> pb.GetCapacityResponse:
-        params = parse_parameters(dict(request.parameters))
-        for cap in request.volume_capabilities:
-            block = cap.WhichOneof("access_type") == "block"
-            if capabilities.unsupported(cap) or fit_reason(params, block):
-                return pb.GetCapacityResponse(available_capacity=0)
+        if unservable(request):
+            return pb.GetCapacityResponse(available_capacity=0)
         available = self._available()
         node = request.accessible_topology.segments.get(self.config.topology_key)
         if request.accessible_topology.segments:
@@ -360,9 +336,7 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
     @rpc
     def CreateSnapshot(self, request: Any, context: Any) -> pb.CreateSnapshotResponse:
         check_name(request.name)
-        unknown = [k for k in request.parameters if not k.startswith(K8S_PARAM_PREFIX)]
-        if unknown:
-            raise InvalidArgument(f"snapshots take no parameters (got {', '.join(unknown)})")
+        check_snapshot_parameters(request.parameters)
         if not request.source_volume_id:
             raise InvalidArgument("source_volume_id is required")
         volume_id_or_raise(request.source_volume_id)

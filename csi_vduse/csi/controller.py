@@ -24,7 +24,7 @@ from csi_vduse.lifecycle.provisioning import (
 from csi_vduse.lifecycle.snapshots import Snapshots
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.snapshots import SnapshotRecord, check_snapshot_id
-from csi_vduse.state.volumes import InvalidId, VolumeRecord, check_volume_id
+from csi_vduse.state.volumes import InvalidId, VolumeParams, VolumeRecord, check_volume_id
 
 RPC = pb.ControllerServiceCapability.RPC
 CAPABILITIES = (
@@ -128,30 +128,7 @@ class ControllerService(rpc_pb.ControllerServicer):
     def ValidateVolumeCapabilities(
         self, request: Any, context: Any
     ) -> pb.ValidateVolumeCapabilitiesResponse:
-        record = self.provisioner.get(request.volume_id)
-        if not request.volume_capabilities:
-            raise InvalidArgument("volume_capabilities is required")
-        if request.parameters:
-            try:
-                differ = parse_parameters(dict(request.parameters)) != record.params
-            except InvalidArgument as e:
-                return pb.ValidateVolumeCapabilitiesResponse(message=str(e))
-            if differ:
-                return pb.ValidateVolumeCapabilitiesResponse(
-                    message="the parameters differ from the volume's"
-                )
-        for cap in request.volume_capabilities:
-            reason = capabilities.unsupported(cap) or fit_reason(
-                record.params, cap.WhichOneof("access_type") == "block"
-            )
-            if reason:
-                return pb.ValidateVolumeCapabilitiesResponse(message=reason)
-        confirmed = pb.ValidateVolumeCapabilitiesResponse.Confirmed(
-            volume_context=request.volume_context,
-            volume_capabilities=request.volume_capabilities,
-            parameters=request.parameters,
-        )
-        return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+        return validation(self.provisioner.get(request.volume_id).params, request)
 
     @rpc
     def ListVolumes(self, request: Any, context: Any) -> pb.ListVolumesResponse:
@@ -184,11 +161,8 @@ class ControllerService(rpc_pb.ControllerServicer):
 
     @rpc
     def GetCapacity(self, request: Any, context: Any) -> pb.GetCapacityResponse:
-        params = parse_parameters(dict(request.parameters))
-        for cap in request.volume_capabilities:  # what cannot be served has no capacity
-            block = cap.WhichOneof("access_type") == "block"
-            if capabilities.unsupported(cap) or fit_reason(params, block):
-                return pb.GetCapacityResponse(available_capacity=0)
+        if unservable(request):
+            return pb.GetCapacityResponse(available_capacity=0)
         topology = request.accessible_topology
         if topology.segments and not self._on_this_node([topology]):
             return pb.GetCapacityResponse(available_capacity=0)
@@ -231,9 +205,7 @@ class ControllerService(rpc_pb.ControllerServicer):
 
     @rpc
     def CreateSnapshot(self, request: Any, context: Any) -> pb.CreateSnapshotResponse:
-        unknown = [k for k in request.parameters if not k.startswith(K8S_PARAM_PREFIX)]
-        if unknown:
-            raise InvalidArgument(f"snapshots take no parameters (got {', '.join(unknown)})")
+        check_snapshot_parameters(request.parameters)
         record = self.snapshots.create(request.name, request.source_volume_id)
         return pb.CreateSnapshotResponse(snapshot=self._snapshot(record))
 
@@ -255,6 +227,50 @@ class ControllerService(rpc_pb.ControllerServicer):
         )  # fmt: skip
         entries = [pb.ListSnapshotsResponse.Entry(snapshot=self._snapshot(r)) for r in page]
         return pb.ListSnapshotsResponse(entries=entries, next_token=next_token)
+
+
+def validation(own: VolumeParams, request: Any) -> pb.ValidateVolumeCapabilitiesResponse:
+    """ValidateVolumeCapabilities of a volume with parameters `own`: unknown or different
+    parameters and unservable capabilities are "not confirmed", with the reason."""
+    if not request.volume_capabilities:
+        raise InvalidArgument("volume_capabilities is required")
+    if request.parameters:
+        try:
+            differ = parse_parameters(dict(request.parameters)) != own
+        except InvalidArgument as e:
+            return pb.ValidateVolumeCapabilitiesResponse(message=str(e))
+        if differ:
+            return pb.ValidateVolumeCapabilitiesResponse(
+                message="the parameters differ from the volume's"
+            )
+    for cap in request.volume_capabilities:
+        reason = capabilities.unsupported(cap) or fit_reason(
+            own, cap.WhichOneof("access_type") == "block"
+        )
+        if reason:
+            return pb.ValidateVolumeCapabilitiesResponse(message=reason)
+    confirmed = pb.ValidateVolumeCapabilitiesResponse.Confirmed(
+        volume_context=request.volume_context,
+        volume_capabilities=request.volume_capabilities,
+        parameters=request.parameters,
+    )
+    return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+
+def unservable(request: Any) -> bool:
+    """A GetCapacity for a class or capability this driver cannot serve (capacity 0)."""
+    params = parse_parameters(dict(request.parameters))
+    for cap in request.volume_capabilities:
+        block = cap.WhichOneof("access_type") == "block"
+        if capabilities.unsupported(cap) or fit_reason(params, block):
+            return True
+    return False
+
+
+def check_snapshot_parameters(parameters: Any) -> None:
+    unknown = [k for k in parameters if not k.startswith(K8S_PARAM_PREFIX)]
+    if unknown:
+        raise InvalidArgument(f"snapshots take no parameters (got {', '.join(unknown)})")
 
 
 def content_source(request: Any) -> Source:
