@@ -367,11 +367,23 @@ def write_iops(k8s: Cluster) -> float:
     return float(job["write"]["iops"])
 
 
+def limited_iops(k8s: Cluster, limit: int) -> list[float]:
+    """Runs until one measurement reaches 90% of the limit (at most three); every one must stay
+    within 110% of it. The cap is exact; reaching it depends on the emulated CPU, so a run
+    starved by the rest of the cluster is measured again rather than failing."""
+    measured: list[float] = []
+    for _ in range(3):
+        measured.append(write_iops(k8s))
+        assert measured[-1] <= 1.1 * limit, (limit, measured)
+        if measured[-1] >= 0.9 * limit:
+            return measured
+    raise AssertionError(f"never reached 90% of {limit} IOPS: {measured}")
+
+
 def test_5b_a_volume_attributes_class_change_applies_to_the_running_pod(k8s: Cluster) -> None:
     k8s.apply(qos_pod(k8s))
     wait("the QoS pod to run", lambda: k8s.pod_phase("vduse-qos") == "Running")
-    iops = write_iops(k8s)
-    assert abs(iops - QOS_CLASSES["vduse-slow"]) <= 0.1 * QOS_CLASSES["vduse-slow"], iops
+    print("slow class, write IOPS:", limited_iops(k8s, QOS_CLASSES["vduse-slow"]))
     k8s.core.patch_namespaced_persistent_volume_claim(
         "vduse-qos", "default", {"spec": {"volumeAttributesClassName": "vduse-fast"}}
     )
@@ -381,8 +393,7 @@ def test_5b_a_volume_attributes_class_change_applies_to_the_running_pod(k8s: Clu
         return str(claim.status.current_volume_attributes_class_name)
 
     wait("the claim to report the new class", lambda: current_class() == "vduse-fast")
-    iops = write_iops(k8s)
-    assert abs(iops - QOS_CLASSES["vduse-fast"]) <= 0.1 * QOS_CLASSES["vduse-fast"], iops
+    print("fast class, write IOPS:", limited_iops(k8s, QOS_CLASSES["vduse-fast"]))
     assert k8s.pod_phase("vduse-qos") == "Running"  # the same pod, never restarted
 
     # the plugin's metrics endpoint shows the volume's I/O and the time QoS held it back
