@@ -1,4 +1,7 @@
 """Runs inside the lab: serves one backing file three ways in turn and runs fio on each.
+With --cold (a small guest, the scratch disk uncached on the host, the page cache dropped
+before every run) the references are fio with O_DIRECT on the file itself and
+qemu-storage-daemon reading the file with O_DIRECT through thread-pool and io_uring AIO.
 
 Prints one JSON document between BEGIN/END markers for the host side (bench.run)."""
 
@@ -14,7 +17,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from csi_vduse.kernel import sysfs
 from csi_vduse.kernel.vdpa import VdpaClient
@@ -88,11 +93,15 @@ def serve_csi_vduse(
 
 
 @contextmanager
-def serve_qsd(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
+def serve_qsd(
+    image: Path, queues: int, queue_size: int, direct: bool = False, aio: str = "threads"
+) -> Iterator[Served]:
     name = "bench-qsd"
+    cache = "on" if direct else "off"
     proc = subprocess.Popen([
         "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off",
+        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct={cache},"
+                      f"aio={aio}",
         "--blockdev", "driver=raw,node-name=disk0,file=file0",
         "--export", f"type=vduse-blk,id=exp0,node-name=disk0,name={name},"
                     f"num-queues={queues},queue-size={queue_size},writable=on",
@@ -124,7 +133,25 @@ def serve_loop(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
         subprocess.run(["losetup", "-d", dev], check=True)
 
 
+@contextmanager
+def serve_file_direct(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
+    """No server: fio reads the file itself with O_DIRECT, the disk's own speed."""
+    yield Served(image, None)
+
+
 SERVERS = {"csi-vduse": serve_csi_vduse, "qsd": serve_qsd, "loop": serve_loop}
+COLD_SERVERS = {
+    "file-o_direct": serve_file_direct,
+    "csi-vduse": serve_csi_vduse,
+    "qsd-threads": partial(serve_qsd, direct=True, aio="threads"),
+    "qsd-io_uring": partial(serve_qsd, direct=True, aio="io_uring"),
+}
+COLD_WORKLOADS = ["randread-4k-qd1", "randread-4k-qd32"]
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -166,16 +193,20 @@ def main() -> int:
     parser.add_argument("--queue-size", type=int, default=256)
     parser.add_argument("--workloads", default="", help="comma list of names (default all)")
     parser.add_argument("--levers", action="store_true", help="csi-vduse variants only")
+    parser.add_argument("--cold", action="store_true", help="reads that miss every cache")
     args = parser.parse_args()
     wanted = args.workloads.split(",") if args.workloads else []
     if args.levers and not wanted:
         wanted = LEVER_WORKLOADS
+    if args.cold and not wanted:
+        wanted = COLD_WORKLOADS
+    servers: dict[str, Any] = COLD_SERVERS if args.cold else SERVERS
     chosen = [w for w in WORKLOADS if not wanted or w.name in wanted]
     image = Path(os.environ.get("LAB_SCRATCH", "/run/scratch")) / "bench.img"
     subprocess.run(["fio", "--name=fill", f"--filename={image}", "--rw=write", "--bs=1m",
                     f"--size={args.size}", "--ioengine=psync", "--end_fsync=1"],
                    check=True, capture_output=True)  # fmt: skip
-    order = list(LEVERS) if args.levers else list(SERVERS)
+    order = list(LEVERS) if args.levers else list(servers)
     results: list[dict[str, object]] = []
     for rnd in range(args.rounds):
         names = order if rnd % 2 == 0 else list(reversed(order))
@@ -183,9 +214,11 @@ def main() -> int:
             if args.levers:
                 serving = serve_csi_vduse(image, args.queues, args.queue_size, LEVERS[server])
             else:
-                serving = SERVERS[server](image, args.queues, args.queue_size)
+                serving = servers[server](image, args.queues, args.queue_size)
             with serving as served:
                 for w in chosen:
+                    if args.cold:
+                        drop_caches()
                     before = cpu_seconds(served.pid)
                     r = run_fio(served.device, w, args.runtime, args.size)
                     after = cpu_seconds(served.pid)

@@ -11,6 +11,7 @@ from cffi import FFI
 PKG = Path(__file__).resolve().parent
 KERNEL_NATIVE = PKG / "kernel" / "native"
 DATAPLANE_NATIVE = PKG / "dataplane" / "native"
+BACKENDS_NATIVE = PKG / "backends" / "native"
 
 CDEF = """
 /* constants from the kernel headers */
@@ -98,6 +99,9 @@ static const int VDPA_ATTR_DEV_MAX_VQ_SIZE;
 /* <sys/uio.h> */
 struct iovec { void *iov_base; size_t iov_len; };
 
+/* <linux/virtio_ring.h> */
+struct vring_used_elem { uint32_t id; uint32_t len; };
+
 /* dataplane/native/dataplane.h */
 enum dp_broken { DP_OK, DP_BROKEN_RING, DP_BROKEN_NO_STATUS, DP_BROKEN_FAULT, DP_BROKEN_ORDER };
 struct dp_iotlb { int dev_fd; uint32_t gen; unsigned nmaps, cap; ...; };
@@ -115,13 +119,6 @@ enum dp_qos_kind { DP_QOS_READ_OPS, DP_QOS_WRITE_OPS, DP_QOS_READ_BYTES, DP_QOS_
 struct dp_qos_bucket { double rate; double burst; double tokens; };
 struct dp_qos { uint64_t last_ns; struct dp_qos_bucket b[4]; ...; };
 struct dp_device { struct dp_qos qos; ...; };
-struct dp_backend_ops {
-    ssize_t (*preadv)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
-    ssize_t (*pwritev)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
-    int (*flush)(void *ctx);
-    int (*discard)(void *ctx, uint64_t offset, uint64_t len);
-    int (*write_zeroes)(void *ctx, uint64_t offset, uint64_t len, bool may_unmap);
-};
 struct dp_blk {
     const struct dp_backend_ops *ops;
     void *ctx;
@@ -160,11 +157,11 @@ struct dp_queue {
     uint16_t crashed_idx;
     struct dp_vq vq;
     struct dp_device *dev;
+    struct dp_inflight *inflight;
+    bool inflight_disagreed;
     struct dp_stats stats;
     ...;
 };
-struct dp_file { int fd; bool keep_allocated; };
-extern const struct dp_backend_ops dp_file_ops;
 
 int dp_iotlb_init(struct dp_iotlb *tlb, int dev_fd, unsigned capacity);
 void dp_iotlb_destroy(struct dp_iotlb *tlb);
@@ -200,8 +197,9 @@ SOURCES = [
     DATAPLANE_NATIVE / "blk.c",
     DATAPLANE_NATIVE / "worker.c",
     DATAPLANE_NATIVE / "guard.c",
-    DATAPLANE_NATIVE / "file_backend.c",
+    BACKENDS_NATIVE / "file.c",
     DATAPLANE_NATIVE / "qos.c",
+    DATAPLANE_NATIVE / "inflight.c",
 ]
 
 
@@ -213,7 +211,15 @@ def header_declarations(path: Path) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF + header_declarations(KERNEL_NATIVE / "vduse_ioctl.h"))
+# backend.h goes before the data plane's declarations, which use its types
+HEAD, DATAPLANE = CDEF.split("/* dataplane/native/dataplane.h */")
+ffibuilder.cdef(
+    HEAD
+    + header_declarations(BACKENDS_NATIVE / "backend.h")
+    + DATAPLANE
+    + header_declarations(KERNEL_NATIVE / "vduse_ioctl.h")
+    + header_declarations(DATAPLANE_NATIVE / "inflight.h")
+)
 ffibuilder.set_source(
     "csi_vduse._native",
     """
@@ -228,11 +234,13 @@ ffibuilder.set_source(
     #include <linux/virtio_ring.h>
     #include "vduse_ioctl.h"
     #include "dataplane.h"
+    #include "inflight.h"
     """,
     sources=[str(p.relative_to(PKG.parent)) for p in SOURCES],
     include_dirs=[
         str(KERNEL_NATIVE.relative_to(PKG.parent)),
         str(DATAPLANE_NATIVE.relative_to(PKG.parent)),
+        str(BACKENDS_NATIVE.relative_to(PKG.parent)),
     ],
     extra_compile_args=[
         "-O2",

@@ -56,12 +56,18 @@ class _Queue:
     exit_code: int = 0
 
 
+INFLIGHT_STRIDE = -(-lib.dp_inflight_size(lib.DP_MAX_QUEUE_SIZE) // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
 class RequestLog:
-    """The queues' crash records (struct dp_log, one page per queue) in a shared file
-    mapping, so that they outlive the process; anonymous memory without a path."""
+    """The queues' crash records (struct dp_log, one page per queue), then their in-flight
+    logs (struct dp_inflight), in a shared file mapping, so that they outlive the process;
+    anonymous memory without a path. A file from before the in-flight logs grows with
+    zeros, which no log takes for valid."""
 
     def __init__(self, queues: int, path: Path | None, fresh: bool) -> None:
-        size = queues * lib.DP_LOG_SIZE
+        self._queues = queues
+        size = queues * (lib.DP_LOG_SIZE + INFLIGHT_STRIDE)
         if path is None:
             self._map = mmap.mmap(-1, size)
         else:
@@ -78,6 +84,10 @@ class RequestLog:
 
     def queue(self, index: int) -> Any:
         return ffi.cast("struct dp_log *", self._base + index * lib.DP_LOG_SIZE)
+
+    def inflight(self, index: int) -> Any:
+        offset = self._queues * lib.DP_LOG_SIZE + index * INFLIGHT_STRIDE
+        return ffi.cast("struct dp_inflight *", self._base + offset)
 
     def close(self) -> None:
         del self._base
@@ -351,6 +361,7 @@ class BlockServer:
         native.poll_us = self.params.tuning.poll_us
         native.event_fd = self._events_fd
         native.dev = self._device
+        native.inflight = self._log.inflight(index)
         lib.dp_vq_init(
             ffi.addressof(native.vq), self._tlb, info.num, info.desc_addr,
             info.driver_addr, info.device_addr, info.avail_index, event_idx,
@@ -370,8 +381,14 @@ class BlockServer:
                 if q is None:
                     continue
                 queues.append(q)
-                if resume and lib.dp_queue_resume(q.native) != 0:
+                if not resume:
+                    lib.dp_inflight_reset(q.native.inflight, q.native.vq.num, q.native.vq.used_idx)
+                    continue
+                if lib.dp_queue_resume(q.native) != 0:
                     raise OSError(f"{self.device.name}: queue {index} rings cannot be mapped")
+                if q.native.inflight_disagreed:
+                    log.error("%s: queue %d: its in-flight log disagrees with the rings; "
+                              "resumed from the used ring", self.device.name, index)  # fmt: skip
         except BaseException:
             for q in queues:
                 os.close(q.kick_fd)

@@ -126,13 +126,15 @@ def run(
     timeout: float = 1800,
     memory_mib: int = 4096,
     scratch_gib: int = 16,
+    scratch_cache: str = "unsafe",
     cwd: str | None = None,
     extra_env: dict[str, str] | None = None,
     stream: bool = True,
     kernel: str | None = None,
 ) -> LabResult:
     """Run `command` (a shell command line) in a fresh lab guest booting the kernel of kind
-    `kernel` (see tests.lab.kernel.lab_kernel)."""
+    `kernel` (see tests.lab.kernel.lab_kernel). `scratch_cache` is QEMU's cache mode of the
+    scratch disk: "none" keeps the host's page cache out of the guest's reads."""
     ensure_host_tools()
     lab = lab_kernel(kernel)
     choice = os.environ.get("CSI_VDUSE_LAB_QEMU", "")
@@ -173,7 +175,8 @@ def run(
             "-virtfs", f"local,path=/,mount_tag=rootfs,{ROOT_SHARE_OPTS}",
             "-virtfs", f"local,path={share},mount_tag=labshare,security_model=none",
             "-device", "virtio-scsi-pci,id=scsi0",
-            "-drive", f"if=none,id=scratch,file={scratch},format=raw,cache=unsafe,discard=unmap",
+            "-drive", f"if=none,id=scratch,file={scratch},format=raw,cache={scratch_cache},"
+                         "discard=unmap",
             "-device", "scsi-hd,drive=scratch,bus=scsi0.0",
         ]  # fmt: skip
         qemu_log = work / "qemu.log"

@@ -77,6 +77,11 @@ def _crash_setup(workdir: Path, resume: bool) -> tuple[FakeGuest, Device, list[b
     os.ftruncate(log_fd, lib.DP_LOG_SIZE)
     log_map = mmap.mmap(log_fd, lib.DP_LOG_SIZE)
     log = ffi.cast("struct dp_log *", ffi.from_buffer(log_map))
+    inflight_size = lib.dp_inflight_size(16)
+    inflight_fd = os.open(workdir / "queue.inflight", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(inflight_fd, inflight_size)
+    inflight_map = mmap.mmap(inflight_fd, inflight_size)
+    inflight = ffi.cast("struct dp_inflight *", ffi.from_buffer(inflight_map))
     backing = open(workdir / "disk.img", "r+b" if resume else "w+b")  # noqa: SIM115
     if not resume:
         os.ftruncate(backing.fileno(), 1 << 20)
@@ -91,8 +96,8 @@ def _crash_setup(workdir: Path, resume: bool) -> tuple[FakeGuest, Device, list[b
         return
 
     ops, keep = callback_ops(on_io)
-    dev = Device(guest, ops=ops, log=log, file=backing, resume=resume)
-    dev.keep = (keep, log_map, ops)  # type: ignore[attr-defined]
+    dev = Device(guest, ops=ops, log=log, file=backing, resume=resume, inflight=inflight)
+    dev.keep = (keep, log_map, ops, inflight_map)  # type: ignore[attr-defined]
     return guest, dev, writes
 
 
@@ -118,6 +123,9 @@ def resume(workdir: Path) -> dict[str, Any]:
         "writes": [w.decode() for w in writes],
         "poisoned": int(dev.q.stats.poisoned),
         "sectors": [dev.file_read(512 * k, 1).decode(errors="replace") for k in range(3)],
+        "log_disagreed": bool(dev.q.inflight_disagreed),
+        "in_flight_after": [h for h in range(guest.num) if dev.q.inflight.desc[h].inflight],
+        "logged_used_idx": int(dev.q.inflight.used_idx),
     }
 
 

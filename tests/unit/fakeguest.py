@@ -170,7 +170,7 @@ class Device:
         self, guest: FakeGuest, size: int = 1 << 20, event_idx: bool = False,
         readonly: bool = False, serial: bytes = b"unit-serial", max_descs: int = 64,
         maps: Sequence[tuple[int, int, int]] | None = None, log: Any = None,
-        ops: Any = None, file: Any = None, resume: bool = False,
+        ops: Any = None, file: Any = None, resume: bool = False, inflight: Any = None,
     ) -> None:  # fmt: skip
         self.guest = guest
         self.file = file or tempfile.TemporaryFile()  # noqa: SIM115 (lives with the device)
@@ -199,6 +199,10 @@ class Device:
         self.q: Any = ffi.gc(q, lib.dp_queue_free)
         lib.dp_vq_init(ffi.addressof(self.q.vq), self.tlb, guest.num, guest.desc, guest.avail,
                        guest.used, 0, event_idx)  # fmt: skip
+        if inflight is not None:  # as the server attaches it
+            self.q.inflight = inflight
+            if not resume:
+                lib.dp_inflight_reset(inflight, guest.num, 0)
         if resume:
             assert lib.dp_queue_resume(self.q) == 0
 

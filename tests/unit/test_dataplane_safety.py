@@ -201,6 +201,8 @@ def test_a_request_that_crashed_the_process_fails_instead_of_running_again(
     assert first.returncode == -signal.SIGSEGV, first.stderr
     log = (tmp_path / "queue.log").read_bytes()
     assert int.from_bytes(log[16:20], "little") == (1 << 16) | 1  # the second request
+    # the killed process's in-flight log names the three popped heads, in pop order
+    assert in_flight(tmp_path / "queue.inflight") == [(0, 1), (3, 2), (6, 3)]
     second = child("resume", tmp_path)
     assert second.returncode == 0, f"crashed again: {second.returncode} {second.stderr}"
     r = json.loads(second.stdout)
@@ -208,6 +210,31 @@ def test_a_request_that_crashed_the_process_fails_instead_of_running_again(
     assert not any(w.startswith("CRASH") for w in r["writes"])
     assert r["sectors"] == ["A", "\0", "C"]
     assert int.from_bytes((tmp_path / "queue.log").read_bytes()[16:20], "little") == 0
+    assert not r["log_disagreed"]
+    assert r["in_flight_after"] == [] and r["logged_used_idx"] == 3
+
+
+def in_flight(path: Path) -> list[tuple[int, int]]:
+    """(head, pop counter) of each request the in-flight log file holds in flight."""
+    data = bytearray(path.read_bytes())
+    log = ffi.cast("struct dp_inflight *", ffi.from_buffer(data))
+    assert lib.dp_inflight_valid(log, 16)
+    return [(h, int(log.desc[h].counter)) for h in range(16) if log.desc[h].inflight]
+
+
+def test_an_in_flight_log_that_disagrees_with_the_rings_is_reported(tmp_path: Path) -> None:
+    assert child("crash", tmp_path).returncode == -signal.SIGSEGV
+    path = tmp_path / "queue.inflight"
+    data = bytearray(path.read_bytes())
+    log = ffi.cast("struct dp_inflight *", ffi.from_buffer(data))
+    log.desc[3].inflight = 0  # as if the second request had completed
+    path.write_bytes(bytes(data))
+    r = json.loads(child("resume", tmp_path).stdout)
+    assert r["log_disagreed"]
+    # the used ring still decides what runs again: the same outcome as with a good log
+    assert r["done"] == 3 and r["statuses"] == [OK, IOERR, OK]
+    assert r["sectors"] == ["A", "\0", "C"]
+    assert r["in_flight_after"] == [] and r["logged_used_idx"] == 3
 
 
 def test_the_data_plane_builds_for_arm64(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
  *
  * The ring walk (virtqueue.c) and the request logic (blk.c) touch guest memory only
  * through an IOTLB (iotlb.c) and the backend only through dp_backend_ops, so both
- * run under unit tests with a memory arena and a temporary file. worker.c is the
+ * run under unit tests with a memory arena and a temporary file. Backends live in
+ * backends/native (backend.h). worker.c is the
  * thin shell that waits on the kick eventfd and injects interrupts; guard.c keeps a
  * fault in guest memory from killing the process and remembers a request that did. */
 #ifndef CSI_VDUSE_DATAPLANE_H
@@ -14,6 +15,9 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <linux/virtio_ring.h>
+
+#include "backend.h"
+#include "inflight.h"
 
 #define DP_MIN_MAPS 64
 #define DP_MAX_DESCS 1024      /* descriptors per request, header and status included */
@@ -122,14 +126,6 @@ struct dp_vq {
     struct dp_iotlb *tlb;
 };
 
-struct dp_backend_ops {
-    ssize_t (*preadv)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
-    ssize_t (*pwritev)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
-    int (*flush)(void *ctx);
-    int (*discard)(void *ctx, uint64_t offset, uint64_t len);
-    int (*write_zeroes)(void *ctx, uint64_t offset, uint64_t len, bool may_unmap);
-};
-
 struct dp_stats {
     uint64_t reads, writes, flushes, discards, write_zeroes, get_ids;
     uint64_t read_bytes, written_bytes;
@@ -224,6 +220,8 @@ struct dp_queue {
     struct dp_blk *blk;
     struct dp_device *dev;        /* NULL: no gate, no limits (unit tests) */
     struct dp_log *log;
+    struct dp_inflight *inflight; /* NULL: none (unit tests); set before the worker runs */
+    bool inflight_disagreed;      /* at resume, the log and the rings told different stories */
     struct dp_stats stats;
     struct dp_helper helper;
     struct dp_slot slots[DP_BATCH];
@@ -285,12 +283,5 @@ int dp_device_init(struct dp_device *dev);
 void dp_device_destroy(struct dp_device *dev);
 int dp_device_quiesce(struct dp_device *dev, uint32_t timeout_ms);
 void dp_device_resume(struct dp_device *dev);
-
-/* file_backend.c: ctx is a struct dp_file */
-struct dp_file {
-    int fd;
-    bool keep_allocated;         /* thick: discards never give space back */
-};
-extern const struct dp_backend_ops dp_file_ops;
 
 #endif

@@ -252,6 +252,8 @@ static void execute_batch(struct dp_queue *q, uint32_t n)
 static void complete_batch(struct dp_queue *q, uint32_t n)
 {
     struct dp_vq *vq = &q->vq;
+    uint16_t done[DP_BATCH];
+    uint32_t pushed = 0;
     for (uint32_t i = 0; i < n; i++) {
         struct dp_slot *s = &q->slots[i];
         if (s->used_len == FAULTED) {
@@ -260,12 +262,17 @@ static void complete_batch(struct dp_queue *q, uint32_t n)
                 vq->broken = DP_BROKEN_FAULT;
                 vq->broken_head = s->chain.head;
             }
-            return;
+            break;
         }
         dp_vq_push(vq, &s->chain, s->used_len);
+        if (vq->broken == DP_BROKEN_ORDER)
+            break;
+        done[pushed++] = s->chain.head;
         if (s->chain.poisoned && q->log)
             __atomic_store_n(&q->log->crashed, 0, __ATOMIC_RELEASE);
     }
+    if (q->inflight && pushed)
+        dp_inflight_completed(q->inflight, done, pushed, vq->used_idx);
 }
 
 static uint32_t pop_batch(struct dp_queue *q, int *r)
@@ -277,6 +284,8 @@ static uint32_t pop_batch(struct dp_queue *q, int *r)
             c->poisoned = true;
             q->crashed_pending = false;
         }
+        if (q->inflight)
+            dp_inflight_popped(q->inflight, c->head);
         n++;
     }
     return n;
@@ -408,11 +417,28 @@ int dp_queue_process(struct dp_queue *q)
     return vq->broken ? -1 : done;
 }
 
+/* This worker completes in ring order, so what the in-flight log recovers must be the
+ * avail ring's entries from used->idx on, in that order. */
+static bool log_matches_ring(struct dp_queue *q, uint16_t used, uint16_t avail)
+{
+    struct dp_vq *vq = &q->vq;
+    uint16_t heads[DP_MAX_QUEUE_SIZE];
+    int n = dp_inflight_recover(q->inflight, vq->used->ring, used, avail, heads);
+    if (n < 0)
+        return false;
+    for (int i = 0; i < n; i++)
+        if (heads[i] != ((volatile uint16_t *)vq->avail->ring)[(uint16_t)(used + i) % vq->num])
+            return false;
+    return true;
+}
+
 /* Re-attach after the previous server died. Each queue completes requests in ring
  * order and publishes used->idx per request, so the used ring is the durable progress:
  * everything past used->idx was at most in flight and is executed again (re-running
  * a block read, write or flush is safe), except a request whose execution crashed the
- * previous process: that one fails. Returns 0 or a DP_POP_* error. */
+ * previous process: that one fails. The in-flight log, which a worker completing out of
+ * order will resume from, is checked against that and starts over. Returns 0 or a
+ * DP_POP_* error. */
 int dp_queue_resume(struct dp_queue *q)
 {
     struct dp_vq *vq = &q->vq;
@@ -430,6 +456,11 @@ int dp_queue_resume(struct dp_queue *q)
         uint16_t avail = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
         vq->last_avail_idx = vq->used_idx = used;
         vq->signalled_used_valid = false;
+        if (q->inflight) {
+            q->inflight_disagreed = dp_inflight_valid(q->inflight, vq->num) &&
+                                    !log_matches_ring(q, used, avail);
+            dp_inflight_reset(q->inflight, vq->num, used);
+        }
         uint32_t crashed = q->log ? q->log->crashed : 0;
         if (crashed & LOG_VALID) {
             uint16_t idx = (uint16_t)crashed;

@@ -6,7 +6,7 @@
 #include <unistd.h>
 #include <linux/falloc.h>
 
-#include "dataplane.h"
+#include "backend.h"
 
 static int fd_of(void *ctx)
 {
