@@ -17,7 +17,7 @@ import pytest
 from csi_vduse._native import ffi, lib
 from csi_vduse.backends import FileBackend
 from csi_vduse.dataplane.blk_device import BlkParams
-from csi_vduse.dataplane.server import BlockServer
+from csi_vduse.dataplane.server import INFLIGHT_STRIDE, BlockServer
 from csi_vduse.kernel.vduse import Request, VqInfo
 from tests.unit.fakeguest import IOVA_BASE, FakeGuest
 
@@ -114,6 +114,9 @@ def test_a_stopped_queue_is_reported_in_problems_and_the_log(
 def test_the_crash_log_is_a_file_the_next_process_finds(
     served: tuple[FakeGuest, StandInDevice, BlockServer], tmp_path: Path
 ) -> None:
-    log = (tmp_path / "log").read_bytes()
-    assert len(log) == lib.DP_LOG_SIZE
+    guest = served[0]
+    log = bytearray((tmp_path / "log").read_bytes())
+    assert len(log) == lib.DP_LOG_SIZE + INFLIGHT_STRIDE  # one queue
     assert struct.unpack_from("<II", log) == (lib.DP_LOG_MAGIC, lib.DP_LOG_VERSION)
+    inflight = ffi.cast("struct dp_inflight *", ffi.from_buffer(log) + lib.DP_LOG_SIZE)
+    assert lib.dp_inflight_valid(inflight, guest.num)
