@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,31 +76,37 @@ def render(table: dict[str, dict[str, dict[str, float]]], rel: dict[str, dict[st
     return "\n".join(lines)
 
 
-def render_levers(table: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'workload':24} {'variant':18} {'IOPS':>9} {'p99 us':>9} {'cpu us/io':>9} "
-             f"{'IOPS x default':>14}"]  # fmt: skip
-    for workload, variants in table.items():
-        base = variants["csi-vduse"]["iops"]
-        for name, m in variants.items():
+def render_per_server(
+    table: dict[str, dict[str, dict[str, float]]],
+    title: str,
+    ratio: Callable[[str, float, float], float | None],
+) -> str:
+    """One row per workload and server; the last column is `ratio(server, its IOPS,
+    csi-vduse's IOPS)`, blank where it is None."""
+    lines = [f"{'workload':24} {'server':18} {'IOPS':>9} {'p99 us':>9} {'cpu us/io':>9} "
+             f"{title:>16}"]  # fmt: skip
+    for workload, servers in table.items():
+        ours = servers["csi-vduse"]["iops"]
+        for name, m in servers.items():
+            cpu = f"{m['cpu_us_per_io']:9.1f}" if m["cpu_us_per_io"] >= 0 else f"{'-':>9}"
+            r = ratio(name, m["iops"], ours)
             lines.append(f"{workload:24} {name:18} {m['iops']:9.0f} {m['lat_p99_us']:9.1f} "
-                         f"{m['cpu_us_per_io']:9.1f} {m['iops'] / base:14.2f}")  # fmt: skip
+                         f"{cpu} {'' if r is None else f'{r:.2f}':>16}")  # fmt: skip
     return "\n".join(lines)
+
+
+def render_levers(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    return render_per_server(table, "IOPS x default", lambda _, iops, ours: iops / ours)
 
 
 COLD_REFERENCES = ("file-o_direct", "qsd-threads", "qsd-io_uring")
 
 
 def render_cold(table: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'workload':18} {'server':14} {'IOPS':>8} {'p99 us':>9} {'cpu us/io':>9} "
-             f"{'csi-vduse x this':>16}"]  # fmt: skip
-    for workload, servers in table.items():
-        ours = servers["csi-vduse"]["iops"]
-        for name, m in servers.items():
-            cpu = f"{m['cpu_us_per_io']:9.1f}" if m["cpu_us_per_io"] >= 0 else f"{'-':>9}"
-            ratio = f"{ours / m['iops']:16.2f}" if name in COLD_REFERENCES else f"{'':16}"
-            lines.append(f"{workload:18} {name:14} {m['iops']:8.0f} {m['lat_p99_us']:9.1f} "
-                         f"{cpu} {ratio}")  # fmt: skip
-    return "\n".join(lines)
+    return render_per_server(
+        table, "csi-vduse x this",
+        lambda name, iops, ours: ours / iops if name in COLD_REFERENCES else None,
+    )  # fmt: skip
 
 
 def plot(rel: dict[str, dict[str, float]], path: Path) -> None:

@@ -234,7 +234,6 @@ ffibuilder.set_source(
     #include <linux/virtio_ring.h>
     #include "vduse_ioctl.h"
     #include "dataplane.h"
-    #include "inflight.h"
     """,
     sources=[str(p.relative_to(PKG.parent)) for p in SOURCES],
     include_dirs=[
