@@ -143,6 +143,7 @@ SERVERS = {"csi-vduse": serve_csi_vduse, "qsd": serve_qsd, "loop": serve_loop}
 COLD_SERVERS = {
     "file-o_direct": serve_file_direct,
     "csi-vduse": serve_csi_vduse,
+    "csi-vduse-sync": partial(serve_csi_vduse, env={"CSI_VDUSE_DP_ENGINE": "sync"}),
     "qsd-threads": partial(serve_qsd, direct=True, aio="threads"),
     "qsd-io_uring": partial(serve_qsd, direct=True, aio="io_uring"),
 }

@@ -6,7 +6,8 @@ Prints one table (IOPS, bandwidth, mean and p99 latency, CPU time per I/O of the
 process, ratios to qemu-storage-daemon and to loop), saves it as JSON plus a PNG of the
 ratios under bench-results/, and compares with the previous run there. --cold measures 4k
 random reads of a 2 GiB file in a 1 GiB guest on a disk the host does not cache, against fio
-with O_DIRECT on the file and qemu-storage-daemon with O_DIRECT (threads and io_uring AIO).
+with O_DIRECT on the file, csi-vduse's synchronous worker and qemu-storage-daemon with
+O_DIRECT (threads and io_uring AIO).
 
 The --cold setup is the one issue 12's goals are stated in."""
 
@@ -99,7 +100,7 @@ def render_levers(table: dict[str, dict[str, dict[str, float]]]) -> str:
     return render_per_server(table, "IOPS x default", lambda _, iops, ours: iops / ours)
 
 
-COLD_REFERENCES = ("file-o_direct", "qsd-threads", "qsd-io_uring")
+COLD_REFERENCES = ("file-o_direct", "csi-vduse-sync", "qsd-threads", "qsd-io_uring")
 
 
 def render_cold(table: dict[str, dict[str, dict[str, float]]]) -> str:

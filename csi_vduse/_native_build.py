@@ -103,8 +103,9 @@ struct iovec { void *iov_base; size_t iov_len; };
 struct vring_used_elem { uint32_t id; uint32_t len; };
 
 /* dataplane/native/dataplane.h */
-enum dp_broken { DP_OK, DP_BROKEN_RING, DP_BROKEN_NO_STATUS, DP_BROKEN_FAULT, DP_BROKEN_ORDER };
-struct dp_iotlb { int dev_fd; uint32_t gen; unsigned nmaps, cap; ...; };
+enum dp_broken { DP_OK, DP_BROKEN_RING, DP_BROKEN_NO_STATUS, DP_BROKEN_FAULT, DP_BROKEN_ORDER,
+                 DP_BROKEN_LOG };
+struct dp_iotlb { int dev_fd; uint32_t gen; unsigned nmaps, cap; uint32_t writers; ...; };
 struct dp_stats {
     uint64_t reads, writes, flushes, discards, write_zeroes, get_ids;
     uint64_t read_bytes, written_bytes;
@@ -159,6 +160,8 @@ struct dp_queue {
     struct dp_device *dev;
     struct dp_inflight *inflight;
     bool inflight_disagreed;
+    struct dp_engine *engine;
+    uint32_t resumed;
     struct dp_stats stats;
     ...;
 };
@@ -176,6 +179,7 @@ struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_
 void dp_queue_free(struct dp_queue *q);
 int dp_queue_process(struct dp_queue *q);
 int dp_queue_resume(struct dp_queue *q);
+int dp_queue_enable_async(struct dp_queue *q, uint32_t depth);
 int dp_queue_run(struct dp_queue *q);
 void dp_queue_request_stop(struct dp_queue *q);
 void dp_qos_init(struct dp_qos *qos);
@@ -200,7 +204,11 @@ SOURCES = [
     BACKENDS_NATIVE / "file.c",
     DATAPLANE_NATIVE / "qos.c",
     DATAPLANE_NATIVE / "inflight.c",
+    DATAPLANE_NATIVE / "engine.c",
 ]
+# io_uring for the file backend when liburing is installed (file.c checks for the header).
+HEADER_DIRS = (Path("/usr/include"), Path("/usr/local/include"))
+URING = ["uring"] if any((d / "liburing.h").exists() for d in HEADER_DIRS) else []
 
 
 def header_declarations(path: Path) -> str:
@@ -250,6 +258,7 @@ ffibuilder.set_source(
         "-D_GNU_SOURCE",
         "-pthread",
     ],
+    libraries=URING,
     extra_link_args=["-pthread"],
 )
 

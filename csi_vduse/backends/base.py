@@ -21,6 +21,11 @@ class Backend(ABC):
     def native_ops(self) -> tuple[Any, Any]:
         """(const struct dp_backend_ops *, void *ctx) for the C data plane."""
 
+    @property
+    def async_unavailable(self) -> str | None:
+        """Why requests cannot run on the asynchronous path, or None when they can."""
+        return "this backend has no asynchronous path"
+
     @abstractmethod
     def flush(self) -> None: ...
 

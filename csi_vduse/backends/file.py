@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import stat
 from pathlib import Path
@@ -87,8 +88,13 @@ class FileBackend(Backend):
                 raise BackendError(f"{path} is already served by another process") from None
             raise
 
+    @property
+    def async_unavailable(self) -> str | None:
+        return None if uring_error() is None else f"io_uring: {uring_error()}"
+
     def native_ops(self) -> tuple[Any, Any]:
-        return ffi.addressof(lib.dp_file_ops), self._native
+        ops = lib.dp_file_uring_ops if uring_error() is None else lib.dp_file_ops
+        return ffi.addressof(ops), self._native
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -116,3 +122,11 @@ class FileBackend(Backend):
         """Removes the file if this open created it (used when a start-up fails)."""
         if self.created:
             self.path.unlink(missing_ok=True)
+
+
+@functools.cache
+def uring_error() -> str | None:
+    """Why this process cannot use io_uring (not built in, an old kernel, a seccomp profile
+    that blocks it), or None when it can."""
+    r = lib.dp_file_uring_probe()
+    return None if r == 0 else os.strerror(-r)

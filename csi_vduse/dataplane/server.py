@@ -44,6 +44,8 @@ BROKEN_REASONS = {
     lib.DP_BROKEN_NO_STATUS: "the guest sent a request without a status byte to fail it in",
     lib.DP_BROKEN_FAULT: "guest memory faulted where no request could be failed",
     lib.DP_BROKEN_ORDER: "internal error: a completion out of ring order",
+    lib.DP_BROKEN_LOG: "its in-flight log does not match its rings, so no request can be "
+    "safely run again",
 }
 
 
@@ -144,6 +146,7 @@ class BlockServer:
         self._stopping = False
         self.broken = False
         self.control_error = ""
+        self.engine = ""
 
     def start(self, resume: bool = False) -> None:
         """Starts answering the kernel. With `resume`, queues the driver already runs
@@ -366,6 +369,11 @@ class BlockServer:
             ffi.addressof(native.vq), self._tlb, info.num, info.desc_addr,
             info.driver_addr, info.device_addr, info.avail_index, event_idx,
         )  # fmt: skip
+        if self.params.tuning.engine == "async":
+            depth = min(info.num, self.params.tuning.depth)
+            if (r := lib.dp_queue_enable_async(native, depth)) != 0:
+                why = self.backend.async_unavailable or os.strerror(-r)
+                self.engine = f"synchronous ({why})"
         self.device.vq_set_kickfd(index, kick_fd)
         return _Queue(index, native, kick_fd)
 
@@ -373,6 +381,8 @@ class BlockServer:
         """Sets every queue up (and on resume maps every ring) before any worker runs: a
         worker under load would otherwise delay the ring faults of the queues after it."""
         event_idx = bool(self.device.features() & (1 << lib.VIRTIO_RING_F_EVENT_IDX))
+        async_ = self.params.tuning.engine == "async"
+        self.engine = "asynchronous" if async_ else "synchronous (CSI_VDUSE_DP_ENGINE=sync)"
         self._queue_stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         queues: list[_Queue] = []
         try:
@@ -386,6 +396,9 @@ class BlockServer:
                     continue
                 if lib.dp_queue_resume(q.native) != 0:
                     raise OSError(f"{self.device.name}: queue {index} rings cannot be mapped")
+                if q.native.resumed:
+                    log.info("%s: queue %d: %d request(s) in flight before run again (in-flight "
+                             "log)", self.device.name, index, q.native.resumed)  # fmt: skip
                 if q.native.inflight_disagreed:
                     log.error("%s: queue %d: its in-flight log disagrees with the rings; "
                               "resumed from the used ring", self.device.name, index)  # fmt: skip
@@ -405,7 +418,7 @@ class BlockServer:
         for q in queues:
             assert q.thread is not None
             q.thread.start()
-        log.info("%s: serving %d queue(s)", self.device.name, len(queues))
+        log.info("%s: serving %d queue(s), %s", self.device.name, len(queues), self.engine)
 
     def _run_queue(self, q: _Queue) -> None:
         q.exit_code = lib.dp_queue_run(q.native)

@@ -3,7 +3,7 @@ the benchmark measured best (README, Benchmark); the knobs exist to measure the 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,3 +18,8 @@ class DataPlaneTuning(BaseSettings):
     poll_us: Annotated[int, Field(ge=0, le=10_000)] = 50
     # offer VIRTIO_RING_F_EVENT_IDX (kick and interrupt suppression)
     event_idx: bool = True
+    # "async": requests in flight on the backend's asynchronous path (io_uring for files)
+    # and completed out of order, where the backend and the kernel allow; "sync": in order
+    engine: Literal["async", "sync"] = "async"
+    # requests in flight per queue on the asynchronous path (at most the ring's size)
+    depth: Annotated[int, Field(ge=1, le=1024)] = 256

@@ -204,12 +204,16 @@ def test_restart_and_stop_under_load_on_two_queues(plugin: Plugin, workdir: Path
     assert len(list(Path(f"/sys/block/{device.name}/mq").iterdir())) == 2
     # Four passes over 48M a job: it must outlast a kill, a restart and a graceful stop
     # (one pass took about 15 s on the 6.12 kernel, too close).
-    load = fio(device, "--numjobs=2", "--offset_increment=64M", "--cpus_allowed=0,1",
-               "--cpus_allowed_policy=split", "--group_reporting", "--loops=4")  # fmt: skip
+    load = fio(device, "--iodepth=32", "--numjobs=2", "--offset_increment=64M",
+               "--cpus_allowed=0,1", "--cpus_allowed_policy=split", "--group_reporting",
+               "--loops=4")  # fmt: skip
     time.sleep(3)
     assert load.poll() is None, "fio finished before the restart; make it longer"
+    assert "serving 2 queue(s), asynchronous" in plugin.log.read_text()
     plugin.stop(signal.SIGKILL)
     plugin.start()  # re-attaches both queues while the guest keeps both busy
+    # the requests in flight at the kill ran again, from the in-flight log
+    assert "in flight before run again (in-flight log)" in plugin.log.read_text()
     # Python's own start-up is slow under software emulation; what is ours is from the
     # process's first log line to its socket serving, the volume re-attached in between.
     assert seconds_between(plugin, "starting:", "serving CSI") < 10

@@ -171,7 +171,11 @@ class Device:
         readonly: bool = False, serial: bytes = b"unit-serial", max_descs: int = 64,
         maps: Sequence[tuple[int, int, int]] | None = None, log: Any = None,
         ops: Any = None, file: Any = None, resume: bool = False, inflight: Any = None,
+        depth: int = 0, kicks: bool = False,
     ) -> None:  # fmt: skip
+        """`depth` > 0 serves the queue on the asynchronous path (engine.c), `depth`
+        requests in flight at most; the ops must have one. `kicks` gives the queue kick
+        and stop eventfds, for `run`."""
         self.guest = guest
         self.file = file or tempfile.TemporaryFile()  # noqa: SIM115 (lives with the device)
         if file is None:
@@ -194,7 +198,10 @@ class Device:
         self.blk.max_discard_seg = self.blk.max_write_zeroes_seg = 4
         ffi.memmove(self.blk.serial, serial, len(serial))
         self.log = log if log is not None else ffi.NULL
-        q = lib.dp_queue_new(0, -1, -1, -1, self.blk, self.tlb, max_descs, self.log)
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if kicks else -1
+        self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if kicks else -1
+        q = lib.dp_queue_new(0, -1, self.kick_fd, self.stop_fd, self.blk, self.tlb, max_descs,
+                             self.log)  # fmt: skip
         assert q != ffi.NULL
         self.q: Any = ffi.gc(q, lib.dp_queue_free)
         lib.dp_vq_init(ffi.addressof(self.q.vq), self.tlb, guest.num, guest.desc, guest.avail,
@@ -203,11 +210,24 @@ class Device:
             self.q.inflight = inflight
             if not resume:
                 lib.dp_inflight_reset(inflight, guest.num, 0)
+        if depth:
+            assert lib.dp_queue_enable_async(self.q, depth) == 0
         if resume:
             assert lib.dp_queue_resume(self.q) == 0
 
     def process(self) -> int:
         return int(lib.dp_queue_process(self.q))
+
+    def run(self) -> int:
+        """The worker's loop, as the server runs it, until `stop`."""
+        return int(lib.dp_queue_run(self.q))
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    def stop(self) -> None:
+        lib.dp_queue_request_stop(self.q)
+        os.eventfd_write(self.stop_fd, 1)
 
     @property
     def interrupts(self) -> int:

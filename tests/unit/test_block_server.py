@@ -120,3 +120,15 @@ def test_the_crash_log_is_a_file_the_next_process_finds(
     assert struct.unpack_from("<II", log) == (lib.DP_LOG_MAGIC, lib.DP_LOG_VERSION)
     inflight = ffi.cast("struct dp_inflight *", ffi.from_buffer(log) + lib.DP_LOG_SIZE)
     assert lib.dp_inflight_valid(inflight, guest.num)
+
+
+def test_the_server_says_which_path_serves_its_queues(
+    served: tuple[FakeGuest, StandInDevice, BlockServer],
+) -> None:
+    server = served[2]
+    if lib.dp_file_uring_probe() == 0:
+        assert server.engine == "asynchronous"
+        assert server._queues[0].native.engine != ffi.NULL
+    else:
+        assert server.engine.startswith("synchronous (io_uring: ")
+        assert server._queues[0].native.engine == ffi.NULL

@@ -27,7 +27,7 @@ BUILD_TOOLS = re.compile(
     r"\b(gcc|g\+\+|cc|clang|make|cmake|build-essential|libc6-dev|linux-libc-dev|python3-dev)\b"
 )
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|KEY|CREDENTIAL", re.IGNORECASE)
-RUNTIME_PACKAGES = ("e2fsprogs", "xfsprogs", "util-linux", "iproute2")
+RUNTIME_PACKAGES = ("e2fsprogs", "xfsprogs", "util-linux", "iproute2", "liburing2")
 # An image reference pinned to an exact release (x.y.z, then an optional variant), optionally
 # also by digest, or by digest alone.
 PINNED = re.compile(

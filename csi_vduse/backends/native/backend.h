@@ -9,14 +9,38 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+enum dp_io_op { DP_IO_READ = 0, DP_IO_WRITE = 1, DP_IO_FLUSH = 2 };
+
+/* One request on the asynchronous path: a read or write of `len` bytes at `offset`, or a
+ * flush of every write completed before it was submitted. The backend owns `iov` until it
+ * hands the request back (it may advance it to finish a short transfer) and sets `result`:
+ * 0 when all of it was done, else a negative errno. */
+struct dp_io {
+    uint8_t op;                  /* enum dp_io_op */
+    int iovcnt;
+    struct iovec *iov;
+    uint64_t offset, len;
+    uint64_t moved;              /* the backend's progress */
+    int result;
+};
+
 /* preadv and pwritev behave as the system calls do (bytes moved, or -1 and errno);
- * the others return 0 or a negative errno. ENOSPC and EDQUOT are counted apart. */
+ * the others return 0 or a negative errno. ENOSPC and EDQUOT are counted apart.
+ *
+ * The aio_* members are optional (NULL aio_open: every request runs synchronously). A
+ * queue opens one context for its thread alone, at most `depth` requests in flight;
+ * `notify_fd`, an eventfd, turns readable when completions wait to be reaped. */
 struct dp_backend_ops {
     ssize_t (*preadv)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
     ssize_t (*pwritev)(void *ctx, const struct iovec *iov, int iovcnt, uint64_t offset);
     int (*flush)(void *ctx);
     int (*discard)(void *ctx, uint64_t offset, uint64_t len);
     int (*write_zeroes)(void *ctx, uint64_t offset, uint64_t len, bool may_unmap);
+    void *(*aio_open)(void *ctx, unsigned depth, int notify_fd, int *err);
+    int (*aio_submit)(void *aio, struct dp_io *io);    /* queues it: 0 or -errno */
+    int (*aio_kick)(void *aio);                        /* starts what was queued */
+    unsigned (*aio_reap)(void *aio, struct dp_io **done, unsigned max);  /* never waits */
+    void (*aio_close)(void *aio);                      /* nothing in flight any more */
 };
 
 /* file.c: a sparse (or thick) file on the node; ctx is a struct dp_file */
@@ -24,6 +48,8 @@ struct dp_file {
     int fd;
     bool keep_allocated;         /* thick: discards never give space back */
 };
-extern const struct dp_backend_ops dp_file_ops;
+extern const struct dp_backend_ops dp_file_ops;       /* synchronous system calls */
+extern const struct dp_backend_ops dp_file_uring_ops; /* reads, writes, flushes on io_uring */
+int dp_file_uring_probe(void);   /* 0 when this process may use io_uring, else -errno */
 
 #endif

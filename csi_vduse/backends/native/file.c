@@ -3,8 +3,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <unistd.h>
 #include <linux/falloc.h>
+#if __has_include(<liburing.h>) && !defined(CSI_VDUSE_NO_URING)
+#define HAVE_URING 1
+#include <liburing.h>
+#endif
 
 #include "backend.h"
 
@@ -81,3 +86,167 @@ const struct dp_backend_ops dp_file_ops = {
     .discard = file_discard,
     .write_zeroes = file_write_zeroes,
 };
+
+/* io_uring: reads, writes and flushes in flight together and completing in any order;
+ * discards and zeroing stay synchronous (rare, and fallocate blocks anyway). Built when
+ * liburing's header is there (Debian: liburing-dev). */
+#ifdef HAVE_URING
+struct file_uring {
+    struct io_uring ring;
+    int fd;
+};
+
+int dp_file_uring_probe(void)
+{
+    struct io_uring ring;
+    int r = io_uring_queue_init(2, &ring, 0);
+    if (r == 0)
+        io_uring_queue_exit(&ring);
+    return r;
+}
+
+static void *uring_open(void *ctx, unsigned depth, int notify_fd, int *err)
+{
+    struct file_uring *u = calloc(1, sizeof(*u));
+    if (!u) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    u->fd = fd_of(ctx);
+    int r = io_uring_queue_init(depth, &u->ring, 0);
+    if (r == 0 && (r = io_uring_register_eventfd(&u->ring, notify_fd)) != 0)
+        io_uring_queue_exit(&u->ring);
+    if (r != 0) {
+        free(u);
+        *err = r;
+        return NULL;
+    }
+    return u;
+}
+
+static int prep(struct file_uring *u, struct dp_io *io)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+    if (!sqe) {
+        int r = io_uring_submit(&u->ring);
+        if (r < 0)
+            return r;
+        if (!(sqe = io_uring_get_sqe(&u->ring)))
+            return -EBUSY;
+    }
+    off_t off = (off_t)(io->offset + io->moved);
+    if (io->op == DP_IO_READ)
+        io_uring_prep_readv(sqe, u->fd, io->iov, (unsigned)io->iovcnt, off);
+    else if (io->op == DP_IO_WRITE)
+        io_uring_prep_writev(sqe, u->fd, io->iov, (unsigned)io->iovcnt, off);
+    else
+        io_uring_prep_fsync(sqe, u->fd, IORING_FSYNC_DATASYNC);
+    io_uring_sqe_set_data(sqe, io);
+    return 0;
+}
+
+static int uring_submit(void *aio, struct dp_io *io)
+{
+    io->moved = 0;
+    io->result = 0;
+    return prep(aio, io);
+}
+
+static int uring_kick(void *aio)
+{
+    struct file_uring *u = aio;
+    int r;
+    do
+        r = io_uring_submit(&u->ring);
+    while (r == -EINTR);
+    return r < 0 ? r : 0;
+}
+
+static void advance(struct dp_io *io, size_t n)
+{
+    while (io->iovcnt && n >= io->iov->iov_len) {
+        n -= io->iov->iov_len;
+        io->iov++;
+        io->iovcnt--;
+    }
+    if (io->iovcnt && n) {
+        io->iov->iov_base = (uint8_t *)io->iov->iov_base + n;
+        io->iov->iov_len -= n;
+    }
+}
+
+/* A short read or write goes on from where it stopped; nothing moved at all (end of
+ * file) is an I/O error, as on the synchronous path. */
+static unsigned uring_reap(void *aio, struct dp_io **done, unsigned max)
+{
+    struct file_uring *u = aio;
+    struct io_uring_cqe *cqe;
+    unsigned n = 0;
+    bool resubmitted = false;
+    while (n < max && io_uring_peek_cqe(&u->ring, &cqe) == 0) {
+        struct dp_io *io = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(&u->ring, cqe);
+        if (res == -EINTR || res == -EAGAIN) {
+            res = prep(u, io);
+            if (res == 0) {
+                resubmitted = true;
+                continue;
+            }
+        } else if (io->op != DP_IO_FLUSH && res >= 0) {
+            if (res == 0) {
+                res = -EIO;
+            } else {
+                io->moved += (uint64_t)res;
+                if (io->moved < io->len) {
+                    advance(io, (size_t)res);
+                    if ((res = prep(u, io)) == 0) {
+                        resubmitted = true;
+                        continue;
+                    }
+                } else {
+                    res = 0;
+                }
+            }
+        }
+        io->result = res < 0 ? res : 0;
+        done[n++] = io;
+    }
+    if (resubmitted)
+        uring_kick(u);
+    return n;
+}
+
+static void uring_close(void *aio)
+{
+    struct file_uring *u = aio;
+    io_uring_queue_exit(&u->ring);
+    free(u);
+}
+
+const struct dp_backend_ops dp_file_uring_ops = {
+    .preadv = file_preadv,
+    .pwritev = file_pwritev,
+    .flush = file_flush,
+    .discard = file_discard,
+    .write_zeroes = file_write_zeroes,
+    .aio_open = uring_open,
+    .aio_submit = uring_submit,
+    .aio_kick = uring_kick,
+    .aio_reap = uring_reap,
+    .aio_close = uring_close,
+};
+#else
+int dp_file_uring_probe(void)
+{
+    return -ENOSYS;
+}
+
+const struct dp_backend_ops dp_file_uring_ops = {
+    .preadv = file_preadv,
+    .pwritev = file_pwritev,
+    .flush = file_flush,
+    .discard = file_discard,
+    .write_zeroes = file_write_zeroes,
+};
+#endif

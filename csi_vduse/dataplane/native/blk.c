@@ -149,6 +149,21 @@ static uint8_t ranges(struct dp_blk *blk, const struct dp_chain *c, uint32_t typ
     return VIRTIO_BLK_S_OK;
 }
 
+static uint32_t finish(struct dp_chain *c, struct dp_stats *st, uint8_t s, int err,
+                       uint32_t used, int *write_enospc)
+{
+    if (s == VIRTIO_BLK_S_IOERR)
+        st->errors++;
+    else if (s == VIRTIO_BLK_S_UNSUPP)
+        st->unsupported++;
+    if (out_of_space(err)) {
+        st->enospc++;
+        __atomic_store_n(write_enospc, 1, __ATOMIC_RELAXED);
+    }
+    *c->status = s;
+    return used + 1;
+}
+
 /* Executes one request and writes its status. Returns the used length: the bytes
  * written into the driver's buffers, status byte included. A refused chain is not
  * executed; its status byte was found by the ring walk. */
@@ -218,14 +233,65 @@ uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov
     default:
         s = VIRTIO_BLK_S_UNSUPP;
     }
-    if (s == VIRTIO_BLK_S_IOERR)
-        st->errors++;
-    else if (s == VIRTIO_BLK_S_UNSUPP)
-        st->unsupported++;
-    if (out_of_space(err)) {
-        st->enospc++;
-        __atomic_store_n(write_enospc, 1, __ATOMIC_RELAXED);
+    return finish(c, st, s, err, used, write_enospc);
+}
+
+/* Starts one request on the asynchronous path. A read or write within one system call's
+ * iovec limit, or a flush, fills `io` and returns DP_BLK_SUBMIT; every other request
+ * (and every refused one) executes here, as dp_blk_handle does, and returns its used
+ * length. */
+uint32_t dp_blk_start(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov,
+                      struct dp_stats *st, int *write_enospc, struct dp_io *io)
+{
+    if (c->bad || c->poisoned || c->out_len < HDR_LEN)
+        return dp_blk_handle(blk, c, iov, st, write_enospc);
+    struct virtio_blk_outhdr hdr;
+    copy_from_chain(c, 0, &hdr, sizeof(hdr), iov);
+    uint32_t type = le32toh(hdr.type);
+    uint64_t sector = le64toh(hdr.sector);
+    if (type == VIRTIO_BLK_T_FLUSH) {
+        *io = (struct dp_io){.op = DP_IO_FLUSH};
+        return DP_BLK_SUBMIT;
     }
-    *c->status = s;
-    return used + 1;
+    if (type != VIRTIO_BLK_T_IN && type != VIRTIO_BLK_T_OUT)
+        return dp_blk_handle(blk, c, iov, st, write_enospc);
+    bool is_read = type == VIRTIO_BLK_T_IN;
+    uint64_t len = is_read ? c->in_len - 1 : c->out_len - HDR_LEN;
+    if (len == 0 || len % SECTOR || !in_capacity(blk, sector, len / SECTOR) ||
+        (!is_read && blk->readonly))
+        return dp_blk_handle(blk, c, iov, st, write_enospc);  /* fails it */
+    int cnt = build_iov(c, is_read, is_read ? 0 : HDR_LEN, len, iov);
+    if (cnt > IOV_MAX)
+        return dp_blk_handle(blk, c, iov, st, write_enospc);
+    *io = (struct dp_io){.op = is_read ? DP_IO_READ : DP_IO_WRITE, .iovcnt = cnt, .iov = iov,
+                         .offset = sector * SECTOR, .len = len};
+    return DP_BLK_SUBMIT;
+}
+
+/* Completes a request the backend finished (dp_blk_start's `io`): counts it, writes its
+ * status and returns its used length. */
+uint32_t dp_blk_finish(struct dp_chain *c, const struct dp_io *io, struct dp_stats *st,
+                       int *write_enospc)
+{
+    uint8_t s = io->result ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
+    uint32_t used = 0;
+    switch (io->op) {
+    case DP_IO_READ:
+        st->reads++;
+        if (!io->result) {
+            st->read_bytes += io->len;
+            used = (uint32_t)io->len;
+        }
+        break;
+    case DP_IO_WRITE:
+        st->writes++;
+        if (!io->result) {
+            st->written_bytes += io->len;
+            __atomic_store_n(write_enospc, 0, __ATOMIC_RELAXED);
+        }
+        break;
+    default:
+        st->flushes++;
+    }
+    return finish(c, st, s, -io->result, used, write_enospc);
 }

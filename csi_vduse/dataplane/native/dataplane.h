@@ -53,6 +53,7 @@ enum dp_broken {
     DP_BROKEN_NO_STATUS = 2,   /* a refused request has no status byte to report it in */
     DP_BROKEN_FAULT = 3,       /* guest memory faulted where no request can be failed */
     DP_BROKEN_ORDER = 4,       /* internal: a completion out of ring order */
+    DP_BROKEN_LOG = 5,         /* at re-attach, the in-flight log cannot describe the rings */
 };
 
 struct dp_map {
@@ -69,6 +70,7 @@ struct dp_map {
  * before new readers. A miss is resolved with VDUSE_IOTLB_GET_FD when dev_fd >= 0. */
 struct dp_iotlb {
     pthread_rwlock_t lock;
+    uint32_t writers;      /* waiting for the write lock */
     int dev_fd;
     uint32_t gen;          /* bumped whenever a mapping goes away */
     unsigned nmaps, cap;
@@ -179,6 +181,7 @@ struct dp_qos {
  * (read side) that dp_device_quiesce closes (write side) to cut a consistent snapshot. */
 struct dp_device {
     pthread_rwlock_t gate;
+    uint32_t draining;           /* a quiesce waits for the gate */
     struct dp_qos qos;
 };
 
@@ -187,6 +190,29 @@ struct dp_slot {
     struct dp_chain chain;
     struct iovec *iov;
     uint32_t used_len;
+};
+
+/* A queue served asynchronously (engine.c): up to `depth` requests in flight on the
+ * backend's aio context, completed in whatever order they finish. */
+struct dp_aslot {
+    struct dp_slot s;
+    struct dp_io io;
+    uint64_t popped_ns;
+};
+
+struct dp_engine {
+    void *aio;
+    int notify_fd;               /* the backend's completions: an eventfd */
+    uint32_t depth, in_flight, nfree;
+    bool locked;                 /* holds the device gate and the IOTLB read lock */
+    bool fault_pending;          /* an IOVA to fault in once nothing is in flight */
+    bool ring_idle;              /* found empty with kicks armed, and no kick since */
+    uint64_t throttle_ns;        /* QoS: no new request before this time */
+    struct dp_aslot *slots;
+    uint32_t *free;
+    struct dp_io **reaped;
+    uint16_t *resubmit;          /* at resume: the log's heads, in pop order */
+    uint32_t nresubmit, next_resubmit;
 };
 
 /* A second thread per queue, so that the large reads and writes of one batch copy in
@@ -221,6 +247,8 @@ struct dp_queue {
     struct dp_device *dev;        /* NULL: no gate, no limits (unit tests) */
     struct dp_log *log;
     struct dp_inflight *inflight; /* NULL: none (unit tests); set before the worker runs */
+    struct dp_engine *engine;     /* NULL: the synchronous worker */
+    uint32_t resumed;             /* requests the in-flight log ran again at re-attach */
     bool inflight_disagreed;      /* at resume, the log and the rings told different stories */
     struct dp_stats stats;
     struct dp_helper helper;
@@ -243,13 +271,20 @@ void dp_vq_init(struct dp_vq *vq, struct dp_iotlb *tlb, uint16_t num, uint64_t d
 int dp_vq_map_rings(struct dp_vq *vq);
 int dp_vq_pop(struct dp_vq *vq, struct dp_chain *c);
 void dp_vq_push(struct dp_vq *vq, const struct dp_chain *c, uint32_t len);
+int dp_vq_pop_head(struct dp_vq *vq, uint16_t head, struct dp_chain *c);
+void dp_vq_push_unordered(struct dp_vq *vq, const struct dp_chain *c, uint32_t len);
 bool dp_vq_should_notify(struct dp_vq *vq);
 bool dp_vq_enable_notify(struct dp_vq *vq);
 void dp_vq_disable_notify(struct dp_vq *vq);
 
 /* blk.c */
+#define DP_BLK_SUBMIT (UINT32_MAX - 1)
 uint32_t dp_blk_handle(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov,
                        struct dp_stats *stats, int *write_enospc);
+uint32_t dp_blk_start(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov,
+                      struct dp_stats *stats, int *write_enospc, struct dp_io *io);
+uint32_t dp_blk_finish(struct dp_chain *c, const struct dp_io *io, struct dp_stats *stats,
+                       int *write_enospc);
 
 /* guard.c */
 void dp_guard_install(void);
@@ -259,6 +294,11 @@ bool dp_guard_store(uint8_t *p, uint8_t value);
 uint32_t dp_guard_execute(struct dp_blk *blk, struct dp_slot *s, struct dp_stats *stats,
                           struct dp_log *log, unsigned thread, int *write_enospc);
 void dp_log_init(struct dp_log *log);
+int dp_guard_pop_head(struct dp_vq *vq, uint16_t head, struct dp_chain *c);
+uint32_t dp_guard_start(struct dp_blk *blk, struct dp_slot *s, struct dp_stats *stats,
+                        int *write_enospc, struct dp_io *io);
+uint32_t dp_guard_finish(struct dp_slot *s, const struct dp_io *io, struct dp_stats *stats,
+                         int *write_enospc);
 
 /* worker.c */
 struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_fd,
@@ -269,6 +309,23 @@ int dp_queue_process(struct dp_queue *q);
 int dp_queue_resume(struct dp_queue *q);
 int dp_queue_run(struct dp_queue *q);
 void dp_queue_request_stop(struct dp_queue *q);
+
+/* worker.c: shared with engine.c */
+uint64_t dp_now_ns(void);
+bool dp_queue_stopping(struct dp_queue *q);
+void dp_queue_notify(struct dp_queue *q);
+void dp_record_latency(struct dp_stats *st, uint32_t n, uint64_t ns);
+void dp_queue_charge(struct dp_queue *q, const struct dp_stats *before);
+bool dp_queue_enter_gate(struct dp_queue *q);
+void dp_queue_report_broken(struct dp_queue *q);
+void dp_vq_remember_failed_fault(struct dp_vq *vq);
+
+/* engine.c */
+int dp_queue_enable_async(struct dp_queue *q, uint32_t depth);
+void dp_engine_free(struct dp_engine *e);
+int dp_engine_process(struct dp_queue *q);
+int dp_engine_run(struct dp_queue *q);
+int dp_engine_resume(struct dp_queue *q, uint16_t used, uint16_t avail);
 
 /* qos.c: `now_ns` is CLOCK_MONOTONIC, passed in so that the logic runs under tests */
 void dp_qos_init(struct dp_qos *qos);

@@ -186,3 +186,59 @@ uint32_t dp_guard_execute(struct dp_blk *blk, struct dp_slot *s, struct dp_stats
     executing_log = NULL;
     return used;
 }
+
+/* Pops the chain of a head the in-flight log names; a fault stops the queue. */
+int dp_guard_pop_head(struct dp_vq *vq, uint16_t head, struct dp_chain *c)
+{
+    sigjmp_buf env;
+    sigjmp_buf *volatile outer = guard_env;
+    int r;
+    if (sigsetjmp(env, 0)) {
+        guard_env = outer;
+        if (!vq->broken) {
+            vq->broken = DP_BROKEN_FAULT;
+            vq->broken_head = head;
+        }
+        return DP_POP_BROKEN;
+    }
+    enter(&env);
+    r = dp_vq_pop_head(vq, head, c);
+    leave(outer);
+    return r;
+}
+
+/* dp_blk_start and dp_blk_finish with guest-memory faults turned into a failed request:
+ * the used length, DP_BLK_SUBMIT, or UINT32_MAX when the status byte itself faulted. */
+uint32_t dp_guard_start(struct dp_blk *blk, struct dp_slot *s, struct dp_stats *stats,
+                        int *write_enospc, struct dp_io *io)
+{
+    sigjmp_buf env;
+    sigjmp_buf *volatile outer = guard_env;
+    uint32_t used;
+    if (sigsetjmp(env, 0)) {
+        guard_env = outer;
+        stats->faults++;
+        stats->errors++;
+        return dp_guard_store(s->chain.status, VIRTIO_BLK_S_IOERR) ? 1 : UINT32_MAX;
+    }
+    enter(&env);
+    used = dp_blk_start(blk, &s->chain, s->iov, stats, write_enospc, io);
+    leave(outer);
+    return used;
+}
+
+uint32_t dp_guard_finish(struct dp_slot *s, const struct dp_io *io, struct dp_stats *stats,
+                         int *write_enospc)
+{
+    sigjmp_buf env;
+    sigjmp_buf *volatile outer = guard_env;
+    uint32_t used;
+    if (sigsetjmp(env, 0)) {
+        guard_env = outer;
+        return UINT32_MAX;
+    }
+    enter(&env);
+    used = dp_blk_finish(&s->chain, io, stats, write_enospc);
+    leave(outer);
+    return used;
+}

@@ -47,13 +47,22 @@ void dp_iotlb_destroy(struct dp_iotlb *tlb)
     tlb->maps = NULL;
 }
 
+/* A queue engine holding the read lock across requests in flight (engine.c) sees
+ * `writers` and drains, so that a writer never waits for more than the I/O in flight. */
+static void write_lock(struct dp_iotlb *tlb)
+{
+    __atomic_add_fetch(&tlb->writers, 1, __ATOMIC_SEQ_CST);
+    pthread_rwlock_wrlock(&tlb->lock);
+    __atomic_sub_fetch(&tlb->writers, 1, __ATOMIC_SEQ_CST);
+}
+
 /* Adds a mapping that the caller owns (tests, or memory registered by the caller). */
 int dp_iotlb_add(struct dp_iotlb *tlb, uint64_t start, uint64_t last, uint8_t *va, uint8_t perm)
 {
     int ret = 0;
     if (last < start)
         return -EINVAL;
-    pthread_rwlock_wrlock(&tlb->lock);
+    write_lock(tlb);
     if (tlb->nmaps == tlb->cap)
         ret = -ENOSPC;
     else
@@ -64,7 +73,7 @@ int dp_iotlb_add(struct dp_iotlb *tlb, uint64_t start, uint64_t last, uint8_t *v
 
 void dp_iotlb_invalidate(struct dp_iotlb *tlb, uint64_t start, uint64_t last)
 {
-    pthread_rwlock_wrlock(&tlb->lock);
+    write_lock(tlb);
     for (unsigned i = 0; i < tlb->nmaps;) {
         struct dp_map *m = &tlb->maps[i];
         if (m->start <= last && start <= m->last)
@@ -148,7 +157,7 @@ int dp_iotlb_fault(struct dp_iotlb *tlb, uint64_t iova)
 
     if (tlb->dev_fd < 0)
         return -EFAULT;
-    pthread_rwlock_wrlock(&tlb->lock);
+    write_lock(tlb);
     if (find(tlb, iova))
         goto out;  /* another worker mapped it meanwhile */
     int fd = ioctl(tlb->dev_fd, VDUSE_IOTLB_GET_FD, &entry);

@@ -286,6 +286,33 @@ int dp_vq_pop(struct dp_vq *vq, struct dp_chain *c)
     return DP_POP_OK;
 }
 
+/* Walks the chain of a head the in-flight log names (a request popped by an earlier
+ * process and never completed), without touching last_avail_idx. */
+int dp_vq_pop_head(struct dp_vq *vq, uint16_t head, struct dp_chain *c)
+{
+    if (vq->broken)
+        return DP_POP_BROKEN;
+    if (head >= vq->num) {
+        set_broken(vq, DP_BROKEN_RING, head);
+        return DP_POP_BROKEN;
+    }
+    c->avail_idx = 0;
+    int ret = walk_chain(vq, head, c);
+    if (ret == DP_POP_OK)
+        vq->nfailed = 0;
+    return ret;
+}
+
+/* Any order: for a worker whose in-flight log, not the used ring, records progress. */
+void dp_vq_push_unordered(struct dp_vq *vq, const struct dp_chain *c, uint32_t len)
+{
+    struct vring_used_elem *e = &vq->used->ring[vq->used_idx % vq->num];
+    e->id = c->head;
+    e->len = len;
+    vq->used_idx++;
+    __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+}
+
 /* Completions follow the avail ring's order, so that the used ring is the queue's
  * durable progress (dp_queue_resume relies on it). Anything else stops the queue. */
 void dp_vq_push(struct dp_vq *vq, const struct dp_chain *c, uint32_t len)

@@ -19,7 +19,7 @@
 
 static void *helper_main(void *arg);
 
-static uint64_t now_ns(void)
+uint64_t dp_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -63,7 +63,10 @@ static struct timespec deadline_after(uint64_t ns)
 int dp_device_quiesce(struct dp_device *dev, uint32_t timeout_ms)
 {
     struct timespec deadline = deadline_after((uint64_t)timeout_ms * 1000000u);
-    return -pthread_rwlock_clockwrlock(&dev->gate, CLOCK_MONOTONIC, &deadline);
+    __atomic_add_fetch(&dev->draining, 1, __ATOMIC_SEQ_CST);
+    int r = pthread_rwlock_clockwrlock(&dev->gate, CLOCK_MONOTONIC, &deadline);
+    __atomic_sub_fetch(&dev->draining, 1, __ATOMIC_SEQ_CST);
+    return -r;
 }
 
 void dp_device_resume(struct dp_device *dev)
@@ -114,6 +117,10 @@ struct dp_queue *dp_queue_new(uint32_t index, int dev_fd, int kick_fd, int stop_
 void dp_queue_free(struct dp_queue *q)
 {
     struct dp_helper *h = &q->helper;
+    if (q->engine) {
+        q->blk->ops->aio_close(q->engine->aio);
+        dp_engine_free(q->engine);
+    }
     if (h->started) {
         pthread_mutex_lock(&h->mu);
         h->stop = true;
@@ -136,12 +143,12 @@ void dp_queue_request_stop(struct dp_queue *q)
     __atomic_store_n(&q->stop, 1, __ATOMIC_RELEASE);
 }
 
-static bool stopping(struct dp_queue *q)
+bool dp_queue_stopping(struct dp_queue *q)
 {
     return __atomic_load_n(&q->stop, __ATOMIC_ACQUIRE);
 }
 
-static void notify(struct dp_queue *q)
+void dp_queue_notify(struct dp_queue *q)
 {
     q->interrupts++;
     if (q->dev_fd >= 0)
@@ -291,7 +298,7 @@ static uint32_t pop_batch(struct dp_queue *q, int *r)
     return n;
 }
 
-static void record_latency(struct dp_stats *st, uint32_t n, uint64_t ns)
+void dp_record_latency(struct dp_stats *st, uint32_t n, uint64_t ns)
 {
     unsigned bucket = 0;
     while (bucket < DP_LATENCY_BUCKETS - 1 && ns > (uint64_t)DP_LATENCY_FIRST_NS << bucket)
@@ -302,7 +309,7 @@ static void record_latency(struct dp_stats *st, uint32_t n, uint64_t ns)
 
 /* Charges what a batch did, as blk.c counted it (it decoded every header once, from a
  * copy): guest memory is not read again, and a header split over descriptors pays too. */
-static void charge_batch(struct dp_queue *q, const struct dp_stats *before)
+void dp_queue_charge(struct dp_queue *q, const struct dp_stats *before)
 {
     const struct dp_stats *after = &q->stats;
     uint64_t used[DP_QOS_KINDS];
@@ -312,14 +319,14 @@ static void charge_batch(struct dp_queue *q, const struct dp_stats *before)
                              (after->write_zeroes - before->write_zeroes);
     used[DP_QOS_READ_BYTES] = after->read_bytes - before->read_bytes;
     used[DP_QOS_WRITE_BYTES] = after->written_bytes - before->written_bytes;
-    dp_qos_charge(&q->dev->qos, used, now_ns());
+    dp_qos_charge(&q->dev->qos, used, dp_now_ns());
 }
 
 /* Enters the device's gate, unless the queue is asked to stop while a quiesce holds it:
  * a reset or a shutdown must not wait for a snapshot's copy. */
-static bool enter_gate(struct dp_queue *q)
+bool dp_queue_enter_gate(struct dp_queue *q)
 {
-    while (!stopping(q)) {
+    while (!dp_queue_stopping(q)) {
         struct timespec deadline = deadline_after(10000000u);  /* 10 ms */
         if (pthread_rwlock_clockrdlock(&q->dev->gate, CLOCK_MONOTONIC, &deadline) == 0)
             return true;
@@ -331,18 +338,18 @@ static bool enter_gate(struct dp_queue *q)
 static void throttle(struct dp_queue *q)
 {
     uint64_t wait;
-    while ((wait = dp_qos_wait_ns(&q->dev->qos, now_ns())) && !stopping(q)) {
+    while ((wait = dp_qos_wait_ns(&q->dev->qos, dp_now_ns())) && !dp_queue_stopping(q)) {
         struct pollfd stop = {.fd = q->stop_fd, .events = POLLIN};
         struct timespec ts = {.tv_sec = (time_t)(wait / 1000000000u),
                               .tv_nsec = (long)(wait % 1000000000u)};
-        uint64_t start = now_ns();
+        uint64_t start = dp_now_ns();
         if (ppoll(&stop, 1, &ts, NULL) > 0)
             break;
-        q->stats.throttled_us += (now_ns() - start) / 1000;
+        q->stats.throttled_us += (dp_now_ns() - start) / 1000;
     }
 }
 
-static void report_broken(struct dp_queue *q)
+void dp_queue_report_broken(struct dp_queue *q)
 {
     uint64_t one = 1;
     if (!q->vq.broken || q->broken_reported)
@@ -352,7 +359,7 @@ static void report_broken(struct dp_queue *q)
         return;
 }
 
-static void remember_failed_fault(struct dp_vq *vq)
+void dp_vq_remember_failed_fault(struct dp_vq *vq)
 {
     if (vq->nfailed < DP_FAILED_IOVAS)
         vq->failed[vq->nfailed++] = vq->fault_iova;
@@ -366,14 +373,17 @@ int dp_queue_process(struct dp_queue *q)
     struct dp_iotlb *tlb = vq->tlb;
     int done = 0;
 
-    while (!stopping(q)) {
+    if (q->engine)
+        return dp_engine_process(q);
+
+    while (!dp_queue_stopping(q)) {
         int r;
         struct dp_stats before = {0};
         if (q->dev) {
             throttle(q);
-            if (!enter_gate(q))
+            if (!dp_queue_enter_gate(q))
                 break;
-            if (stopping(q)) {
+            if (dp_queue_stopping(q)) {
                 pthread_rwlock_unlock(&q->dev->gate);
                 break;
             }
@@ -385,17 +395,17 @@ int dp_queue_process(struct dp_queue *q)
             dp_vq_disable_notify(vq);
             uint32_t n = pop_batch(q, &r);
             if (n) {
-                uint64_t popped = now_ns();
+                uint64_t popped = dp_now_ns();
                 __atomic_store_n(&q->in_flight, n, __ATOMIC_RELAXED);
                 execute_batch(q, n);
                 complete_batch(q, n);
                 __atomic_store_n(&q->in_flight, 0, __ATOMIC_RELAXED);
-                record_latency(&q->stats, n, now_ns() - popped);
+                dp_record_latency(&q->stats, n, dp_now_ns() - popped);
                 done += (int)n;
                 if (dp_vq_should_notify(vq))
-                    notify(q);
+                    dp_queue_notify(q);
                 if (q->dev)
-                    charge_batch(q, &before);
+                    dp_queue_charge(q, &before);
             }
             if (r == DP_POP_EMPTY && dp_vq_enable_notify(vq))
                 r = DP_POP_OK;
@@ -407,13 +417,13 @@ int dp_queue_process(struct dp_queue *q)
             break;
         if (r == DP_POP_FAULT) {
             if (dp_iotlb_fault(tlb, vq->fault_iova) < 0)
-                remember_failed_fault(vq);
+                dp_vq_remember_failed_fault(vq);
             continue;
         }
         if (r != DP_POP_OK)
             break;
     }
-    report_broken(q);
+    dp_queue_report_broken(q);
     return vq->broken ? -1 : done;
 }
 
@@ -448,7 +458,7 @@ int dp_queue_resume(struct dp_queue *q)
     while ((r = dp_vq_map_rings(vq)) == DP_POP_FAULT) {
         pthread_rwlock_unlock(&vq->tlb->lock);
         if (dp_iotlb_fault(vq->tlb, vq->fault_iova) < 0)
-            remember_failed_fault(vq);
+            dp_vq_remember_failed_fault(vq);
         pthread_rwlock_rdlock(&vq->tlb->lock);
     }
     if (r == 0) {
@@ -456,7 +466,11 @@ int dp_queue_resume(struct dp_queue *q)
         uint16_t avail = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
         vq->last_avail_idx = vq->used_idx = used;
         vq->signalled_used_valid = false;
-        if (q->inflight) {
+        if (q->engine && q->inflight && dp_inflight_valid(q->inflight, vq->num)) {
+            /* out of order: only the log knows what was in flight */
+            if (dp_engine_resume(q, used, avail) < 0)
+                vq->broken = DP_BROKEN_LOG;
+        } else if (q->inflight) {
             q->inflight_disagreed = dp_inflight_valid(q->inflight, vq->num) &&
                                     !log_matches_ring(q, used, avail);
             dp_inflight_reset(q->inflight, vq->num, used);
@@ -477,7 +491,7 @@ int dp_queue_resume(struct dp_queue *q)
 
 static uint64_t now_us(void)
 {
-    return now_ns() / 1000;
+    return dp_now_ns() / 1000;
 }
 
 /* Watches the avail ring with kicks off for up to poll_us; true when work arrived. */
@@ -497,7 +511,7 @@ static bool poll_ring(struct dp_queue *q)
                 break;
             }
             dp_cpu_relax();
-        } while (now_us() < deadline && !stopping(q));
+        } while (now_us() < deadline && !dp_queue_stopping(q));
         if (!found)
             found = dp_vq_enable_notify(vq);
     }
@@ -507,13 +521,15 @@ static bool poll_ring(struct dp_queue *q)
 
 int dp_queue_run(struct dp_queue *q)
 {
+    if (q->engine)
+        return dp_engine_run(q);
     struct pollfd fds[2] = {{.fd = q->kick_fd, .events = POLLIN},
                             {.fd = q->stop_fd, .events = POLLIN}};
     for (;;) {
         if (!q->vq.broken)
-            while (dp_queue_process(q) >= 0 && !stopping(q) && poll_ring(q))
+            while (dp_queue_process(q) >= 0 && !dp_queue_stopping(q) && poll_ring(q))
                 ;
-        if (stopping(q))
+        if (dp_queue_stopping(q))
             return 0;
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
