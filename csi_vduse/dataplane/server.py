@@ -111,6 +111,8 @@ class BlockServer:
         if lib.dp_device_init(self._device) != 0:
             lib.dp_iotlb_destroy(self._tlb)
             raise OSError("cannot initialise the device's gate")
+        self._queues: list[_Queue] = []
+        self._lock = threading.Lock()
         try:
             self.set_qos(params.qos)
         except BaseException:
@@ -131,13 +133,11 @@ class BlockServer:
         serial = params.serial.encode()[: lib.VIRTIO_BLK_ID_BYTES]
         ffi.memmove(self._blk.serial, serial, len(serial))
         self._log = RequestLog(params.queues, log_path, fresh)
-        self._queues: list[_Queue] = []
         self._queue_stop_fd = -1
         self._last_avail: dict[int, int] = {}
         self._retired = dict.fromkeys(STATS_FIELDS, 0)
         self._retired_latency = [0] * (lib.DP_LATENCY_BUCKETS + 1)  # buckets, then the sum
         self._reported: set[int] = set()
-        self._lock = threading.Lock()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._events_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread = threading.Thread(
@@ -258,6 +258,9 @@ class BlockServer:
             ffi.addressof(self._device.qos), limits.native(), limits.burst_ms,
             time.monotonic_ns(),
         )  # fmt: skip
+        with self._lock:  # a worker waiting out the old limit looks again
+            for q in self._queues:
+                os.eventfd_write(q.kick_fd, 1)
 
     @contextlib.contextmanager
     def quiesced(self, timeout: float = 10.0) -> Iterator[None]:
@@ -400,8 +403,10 @@ class BlockServer:
                     log.info("%s: queue %d: %d request(s) in flight before run again (in-flight "
                              "log)", self.device.name, index, q.native.resumed)  # fmt: skip
                 if q.native.inflight_disagreed:
-                    log.error("%s: queue %d: its in-flight log disagrees with the rings; "
-                              "resumed from the used ring", self.device.name, index)  # fmt: skip
+                    log.error("%s: queue %d: its in-flight log says requests completed out "
+                              "of ring order, which only the asynchronous worker can resume; "
+                              "the queue stops and the log is kept", self.device.name,
+                              index)  # fmt: skip
         except BaseException:
             for q in queues:
                 os.close(q.kick_fd)

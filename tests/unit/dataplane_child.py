@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import signal
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -71,7 +72,9 @@ def sigbus(workdir: Path) -> dict[str, Any]:
     return results
 
 
-def _crash_setup(workdir: Path, resume: bool) -> tuple[FakeGuest, Device, list[bytes]]:
+def _crash_setup(
+    workdir: Path, resume: bool, asynchronous: bool = False
+) -> tuple[FakeGuest, Device, list[bytes]]:
     guest = FakeGuest(num=16, pages=64, path=str(workdir / "guest-memory"))
     log_fd = os.open(workdir / "queue.log", os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(log_fd, lib.DP_LOG_SIZE)
@@ -96,7 +99,22 @@ def _crash_setup(workdir: Path, resume: bool) -> tuple[FakeGuest, Device, list[b
         return
 
     ops, keep = callback_ops(on_io)
-    dev = Device(guest, ops=ops, log=log, file=backing, resume=resume, inflight=inflight)
+    if asynchronous:  # reads and writes through io_uring; a WRITE ZEROES crashes us
+        uring = lib.dp_file_uring_ops
+        for name in ("aio_open", "aio_submit", "aio_kick", "aio_reap", "aio_close"):
+            setattr(ops, name, getattr(uring, name))
+
+        def write_zeroes(ctx: Any, offset: int, length: int, may_unmap: bool) -> int:
+            writes.append(b"ZEROES")
+            if not resume:
+                signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
+            return int(lib.dp_file_ops.write_zeroes(ctx, offset, length, may_unmap))
+
+        zeroes = ffi.callback("int(void *, uint64_t, uint64_t, bool)", write_zeroes)
+        ops.write_zeroes = zeroes
+        keep.append(zeroes)
+    dev = Device(guest, ops=ops, log=log, file=backing, resume=resume, inflight=inflight,
+                 depth=8 if asynchronous else 0)  # fmt: skip
     dev.keep = (keep, log_map, ops, inflight_map)  # type: ignore[attr-defined]
     return guest, dev, writes
 
@@ -109,8 +127,22 @@ def crash(workdir: Path) -> dict[str, Any]:
     return {"survived": True}
 
 
-def resume(workdir: Path) -> dict[str, Any]:
-    guest, dev, writes = _crash_setup(workdir, resume=True)
+def crash_async(workdir: Path) -> dict[str, Any]:
+    guest, dev, _ = _crash_setup(workdir, resume=False, asynchronous=True)
+    zeroes = struct.pack("<QII", 1, 1, 0)  # sector 1, one sector, no unmap
+    guest.blk_request(lib.VIRTIO_BLK_T_OUT, sector=0, out=b"A" * 512)
+    guest.blk_request(lib.VIRTIO_BLK_T_WRITE_ZEROES, out=zeroes)
+    guest.blk_request(lib.VIRTIO_BLK_T_OUT, sector=2, out=b"C" * 512)
+    dev.process()
+    return {"survived": True}
+
+
+def resume_async(workdir: Path) -> dict[str, Any]:
+    return resume(workdir, asynchronous=True)
+
+
+def resume(workdir: Path, asynchronous: bool = False) -> dict[str, Any]:
+    guest, dev, writes = _crash_setup(workdir, resume=True, asynchronous=asynchronous)
     statuses = []
     done = dev.process()
     for head, _ in guest.reap():
@@ -124,12 +156,16 @@ def resume(workdir: Path) -> dict[str, Any]:
         "poisoned": int(dev.q.stats.poisoned),
         "sectors": [dev.file_read(512 * k, 1).decode(errors="replace") for k in range(3)],
         "log_disagreed": bool(dev.q.inflight_disagreed),
+        "broken": int(dev.q.vq.broken),
         "in_flight_after": [h for h in range(guest.num) if dev.q.inflight.desc[h].inflight],
         "logged_used_idx": int(dev.q.inflight.used_idx),
     }
 
 
-CASES = {"sigbus": sigbus, "crash": crash, "resume": resume}
+CASES = {
+    "sigbus": sigbus, "crash": crash, "resume": resume, "crash_async": crash_async,
+    "resume_async": resume_async,
+}  # fmt: skip
 
 if __name__ == "__main__":
     print(json.dumps(CASES[sys.argv[1]](Path(sys.argv[2]))), flush=True)

@@ -3,6 +3,7 @@ scripted backend that completes requests in an order the test chooses."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -33,6 +34,8 @@ class Scripted:
         self.held: list[Any] = []
         self.ready: list[Any] = []
         self.skip_reaps = 0  # reap calls that find nothing, whatever is ready
+        self.refused_kicks = 0  # kicks that fail with EAGAIN, the requests staying queued
+        self.queued: list[Any] = []
         self.notify_fd = -1
         self.ctx: Any = None
         self.lock = threading.Lock()
@@ -44,10 +47,16 @@ class Scripted:
 
         def aio_submit(aio: Any, io: Any) -> int:
             with self.lock:
-                self.held.append(io)
+                self.queued.append(io)
             return 0
 
         def aio_kick(aio: Any) -> int:
+            with self.lock:
+                if self.refused_kicks:
+                    self.refused_kicks -= 1
+                    return -errno.EAGAIN
+                self.held += self.queued
+                self.queued.clear()
             return 0
 
         def aio_reap(aio: Any, done: Any, most: int) -> int:
@@ -262,3 +271,22 @@ def test_a_kick_taken_while_a_writer_waits_is_not_lost() -> None:
     runner.join(10)
     assert not runner.is_alive()
     assert dev.file_read(0, 1) + dev.file_read(512, 1) == b"ab"
+
+
+def test_a_refused_submission_is_sent_again_not_forgotten() -> None:
+    guest = FakeGuest(num=16, pages=64)
+    scripted = Scripted()
+    scripted.refused_kicks = 3
+    dev = Device(guest, ops=scripted.ops, depth=8, kicks=True)
+    guest.blk_request(OUT, sector=0, out=b"k" * 512)
+    dev.kick()
+    runner = threading.Thread(target=dev.run)
+    runner.start()
+    wait_until(lambda: len(scripted.held) == 1)
+    assert scripted.refused_kicks == 0
+    scripted.release(0)
+    wait_until(lambda: guest.used_idx() == 1)
+    dev.stop()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert dev.file_read(0, 1) == b"k"

@@ -214,6 +214,26 @@ def test_a_request_that_crashed_the_process_fails_instead_of_running_again(
     assert r["in_flight_after"] == [] and r["logged_used_idx"] == 3
 
 
+def test_a_request_that_crashed_the_asynchronous_worker_fails_instead_of_running_again(
+    tmp_path: Path,
+) -> None:
+    first = child("crash_async", tmp_path)
+    assert first.returncode == -signal.SIGSEGV, first.stderr
+    log = (tmp_path / "queue.log").read_bytes()
+    head_of_zeroes = 3  # each request is a chain of three descriptors
+    crashed = int.from_bytes(log[16:20], "little")
+    assert crashed == (1 << 16) | (1 << 17) | head_of_zeroes
+    assert in_flight(tmp_path / "queue.inflight") == [(0, 1), (3, 2)]
+    second = child("resume_async", tmp_path)
+    assert second.returncode == 0, f"crashed again: {second.returncode} {second.stderr}"
+    r = json.loads(second.stdout)
+    assert r["done"] == 3 and sorted(r["statuses"]) == [OK, OK, IOERR]
+    assert r["poisoned"] == 1 and "ZEROES" not in r["writes"]
+    assert r["sectors"] == ["A", "\0", "C"]
+    assert int.from_bytes((tmp_path / "queue.log").read_bytes()[16:20], "little") == 0
+    assert r["in_flight_after"] == [] and r["logged_used_idx"] == 3
+
+
 def in_flight(path: Path) -> list[tuple[int, int]]:
     """(head, pop counter) of each request the in-flight log file holds in flight."""
     data = bytearray(path.read_bytes())
@@ -222,19 +242,22 @@ def in_flight(path: Path) -> list[tuple[int, int]]:
     return [(h, int(log.desc[h].counter)) for h in range(16) if log.desc[h].inflight]
 
 
-def test_an_in_flight_log_that_disagrees_with_the_rings_is_reported(tmp_path: Path) -> None:
+def test_a_log_of_requests_completed_out_of_order_stops_the_in_order_worker(
+    tmp_path: Path,
+) -> None:
     assert child("crash", tmp_path).returncode == -signal.SIGSEGV
     path = tmp_path / "queue.inflight"
     data = bytearray(path.read_bytes())
     log = ffi.cast("struct dp_inflight *", ffi.from_buffer(data))
-    log.desc[3].inflight = 0  # as if the second request had completed
+    log.desc[3].inflight = 0  # as if the second request had completed, out of ring order
     path.write_bytes(bytes(data))
     r = json.loads(child("resume", tmp_path).stdout)
-    assert r["log_disagreed"]
-    # the used ring still decides what runs again: the same outcome as with a good log
-    assert r["done"] == 3 and r["statuses"] == [OK, IOERR, OK]
-    assert r["sectors"] == ["A", "\0", "C"]
-    assert r["in_flight_after"] == [] and r["logged_used_idx"] == 3
+    assert r["log_disagreed"] and r["broken"] == lib.DP_BROKEN_LOG
+    # ring order would run the "completed" second write again: nothing runs at all
+    assert r["done"] == -1 and r["statuses"] == [] and r["writes"] == []
+    assert r["sectors"] == ["A", "\0", "\0"]
+    # the log is kept, for a worker that resumes from it
+    assert in_flight(path) == [(0, 1), (6, 3)]
 
 
 def test_the_data_plane_builds_for_arm64(tmp_path: Path) -> None:

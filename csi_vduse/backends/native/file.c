@@ -152,14 +152,19 @@ static int uring_submit(void *aio, struct dp_io *io)
     return prep(aio, io);
 }
 
+/* Until the kernel holds every prepared request; an error leaves the rest queued for
+ * the next kick. */
 static int uring_kick(void *aio)
 {
     struct file_uring *u = aio;
-    int r;
-    do
-        r = io_uring_submit(&u->ring);
-    while (r == -EINTR);
-    return r < 0 ? r : 0;
+    while (io_uring_sq_ready(&u->ring)) {
+        int r = io_uring_submit(&u->ring);
+        if (r == 0)
+            return -EAGAIN;
+        if (r < 0 && r != -EINTR)
+            return r;
+    }
+    return 0;
 }
 
 static void advance(struct dp_io *io, size_t n)

@@ -154,9 +154,11 @@ struct dp_blk {
  * crashed the process, which the next process fails instead of running again. */
 struct dp_log {
     uint32_t magic, version;
-    uint32_t executing[2];       /* (1 << 16) | avail index while executing, else 0 */
-    uint32_t crashed;            /* (1 << 16) | avail index of a request that crashed us */
+    uint32_t executing[2];       /* DP_LOG_VALID | avail index while executing, else 0 */
+    uint32_t crashed;            /* the same, of a request that crashed us */
 };
+#define DP_LOG_VALID (1u << 16)
+#define DP_LOG_BY_HEAD (1u << 17) /* the low bits are a head (asynchronous worker) */
 
 /* Per-volume limits as token buckets (qos.c). A batch is charged after it executed and the
  * queue waits, outside every lock, until the budget is back to zero: a token debt, so
@@ -207,6 +209,7 @@ struct dp_engine {
     bool locked;                 /* holds the device gate and the IOTLB read lock */
     bool fault_pending;          /* an IOVA to fault in once nothing is in flight */
     bool ring_idle;              /* found empty with kicks armed, and no kick since */
+    bool kick_pending;           /* the backend refused the last kick: try again */
     uint64_t throttle_ns;        /* QoS: no new request before this time */
     struct dp_aslot *slots;
     uint32_t *free;
@@ -241,7 +244,8 @@ struct dp_queue {
     uint64_t parallel_min_bytes;  /* runs of reads/writes this large use the helper; 0: never */
     uint32_t poll_us;             /* busy-poll the ring this long before sleeping; 0: never */
     bool crashed_pending;         /* log->crashed names a request still in the ring */
-    uint16_t crashed_idx;
+    uint16_t crashed_idx;         /* its avail index (synchronous worker) */
+    uint16_t crashed_head;        /* its head (asynchronous worker) */
     struct dp_vq vq;
     struct dp_blk *blk;
     struct dp_device *dev;        /* NULL: no gate, no limits (unit tests) */
@@ -296,7 +300,7 @@ uint32_t dp_guard_execute(struct dp_blk *blk, struct dp_slot *s, struct dp_stats
 void dp_log_init(struct dp_log *log);
 int dp_guard_pop_head(struct dp_vq *vq, uint16_t head, struct dp_chain *c);
 uint32_t dp_guard_start(struct dp_blk *blk, struct dp_slot *s, struct dp_stats *stats,
-                        int *write_enospc, struct dp_io *io);
+                        struct dp_log *log, int *write_enospc, struct dp_io *io);
 uint32_t dp_guard_finish(struct dp_slot *s, const struct dp_io *io, struct dp_stats *stats,
                          int *write_enospc);
 

@@ -131,6 +131,8 @@ static void complete(struct dp_queue *q, struct dp_aslot *a, uint32_t used)
         dp_vq_push_unordered(vq, &a->s.chain, used);
         if (q->inflight)
             dp_inflight_completed(q->inflight, &a->s.chain.head, 1, vq->used_idx);
+        if (a->s.chain.poisoned && q->log)
+            __atomic_store_n(&q->log->crashed, 0, __ATOMIC_RELEASE);
     }
     dp_record_latency(&q->stats, 1, dp_now_ns() - a->popped_ns);
     e->free[e->nfree++] = (uint32_t)(a - e->slots);
@@ -158,12 +160,26 @@ static int pop_next(struct dp_queue *q, struct dp_chain *c)
 {
     struct dp_engine *e = q->engine;
     if (e->next_resubmit < e->nresubmit) {
-        int r = dp_guard_pop_head(&q->vq, e->resubmit[e->next_resubmit], c);
-        if (r == DP_POP_OK)
+        uint16_t head = e->resubmit[e->next_resubmit];
+        int r = dp_guard_pop_head(&q->vq, head, c);
+        if (r == DP_POP_OK) {
             e->next_resubmit++;
+            if (q->crashed_pending && head == q->crashed_head) {
+                c->poisoned = true;  /* it crashed the previous process: fail it */
+                q->crashed_pending = false;
+            }
+        }
         return r;
     }
     return dp_guard_pop(&q->vq, c);
+}
+
+/* Sends what was submitted to the backend; a refusal (a full completion queue, no
+ * memory) is tried again on the next turn, after a short wait if nothing completes. */
+static void kick(struct dp_queue *q)
+{
+    struct dp_engine *e = q->engine;
+    e->kick_pending = q->blk->ops->aio_kick(e->aio) != 0;
 }
 
 /* Pops and starts requests while there is room. With requests in flight it stops for
@@ -180,9 +196,7 @@ static int fill(struct dp_queue *q, bool *more)
     if (e->in_flight && others_wait(q))
         return 0;
     if (q->dev && q->dev->qos.limited) {
-        uint64_t now = dp_now_ns();
-        if (e->throttle_ns > now)
-            return 0;
+        uint64_t now = dp_now_ns();  /* asked every time: a raised limit applies at once */
         uint64_t wait = dp_qos_wait_ns(&q->dev->qos, now);
         if (wait) {
             e->throttle_ns = now + wait;
@@ -205,7 +219,8 @@ static int fill(struct dp_queue *q, bool *more)
             a->popped_ns = dp_now_ns();
             if (q->inflight)
                 dp_inflight_popped(q->inflight, a->s.chain.head);
-            uint32_t used = dp_guard_start(q->blk, &a->s, &q->stats, &q->write_enospc, &a->io);
+            uint32_t used = dp_guard_start(q->blk, &a->s, &q->stats, q->log, &q->write_enospc,
+                                           &a->io);
             if (used == DP_BLK_SUBMIT) {
                 int err = q->blk->ops->aio_submit(e->aio, &a->io);
                 if (err == 0) {
@@ -228,8 +243,8 @@ static int fill(struct dp_queue *q, bool *more)
         else if (r == DP_POP_EMPTY)
             e->ring_idle = true;
     }
-    if (submitted)
-        q->blk->ops->aio_kick(e->aio);
+    if (submitted || e->kick_pending)
+        kick(q);
     if (r == DP_POP_FAULT)
         e->fault_pending = true;
     return done;
@@ -262,12 +277,19 @@ static void drain_eventfd(int fd)
 static int wait_events(struct dp_queue *q, bool for_kicks)
 {
     struct dp_engine *e = q->engine;
+    /* stop_fd stays readable once written: while draining, only completions wake us */
+    bool stopping = dp_queue_stopping(q);
+    if (stopping && !e->in_flight)
+        return 0;
     struct pollfd fds[3] = {{.fd = e->notify_fd, .events = POLLIN},
-                            {.fd = dp_queue_stopping(q) ? -1 : q->stop_fd, .events = POLLIN},
+                            {.fd = stopping ? -1 : q->stop_fd, .events = POLLIN},
                             {.fd = for_kicks ? q->kick_fd : -1, .events = POLLIN}};
     struct timespec ts, *timeout = NULL;
     uint64_t now = dp_now_ns();
-    if (e->throttle_ns) {
+    if (e->kick_pending) {
+        ts = (struct timespec){.tv_nsec = 1000000};
+        timeout = &ts;
+    } else if (e->throttle_ns) {
         if (e->throttle_ns <= now) {  /* passed since fill looked: fill looks again */
             e->throttle_ns = 0;
             return 0;
@@ -278,9 +300,9 @@ static int wait_events(struct dp_queue *q, bool for_kicks)
         timeout = &ts;
     }
     int n = ppoll(fds, 3, timeout, NULL);
-    if (n < 0)
-        return errno == EINTR ? 0 : -errno;
-    if (timeout)
+    if (n < 0)  /* with requests in flight the worker must stay: they hold guest memory */
+        return errno == EINTR || e->in_flight ? 0 : -errno;
+    if (timeout && !e->kick_pending)
         q->stats.throttled_us += (dp_now_ns() - now) / 1000;
     if (fds[0].revents & POLLIN)
         drain_eventfd(e->notify_fd);
@@ -299,6 +321,8 @@ static int turn(struct dp_queue *q, bool *busy)
 {
     struct dp_engine *e = q->engine;
     bool more;
+    if (e->kick_pending)
+        kick(q);
     int done = reap(q);
     done += fill(q, &more);
     done += reap(q);

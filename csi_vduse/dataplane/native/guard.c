@@ -13,8 +13,6 @@
 
 #include "dataplane.h"
 
-#define LOG_VALID (1u << 16)
-
 /* volatile, and fenced: the compiler must not move accesses across these stores, which
  * only the signal handler reads. */
 static __thread sigjmp_buf *volatile guard_env;
@@ -64,7 +62,7 @@ static void on_signal(int sig, siginfo_t *si, void *uc)
         guard_env = NULL;
         siglongjmp(*env, 1);
     }
-    if (executing && executing_log && (*executing & LOG_VALID)) {
+    if (executing && executing_log && (*executing & DP_LOG_VALID)) {
         executing_log->crashed = *executing;
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
     }
@@ -169,7 +167,7 @@ uint32_t dp_guard_execute(struct dp_blk *blk, struct dp_slot *s, struct dp_stats
     executing = slot;
     executing_log = log;
     if (slot)
-        *slot = LOG_VALID | s->chain.avail_idx;
+        *slot = DP_LOG_VALID | s->chain.avail_idx;
     if (sigsetjmp(env, 0)) {
         guard_env = outer;
         stats->faults++;
@@ -208,22 +206,34 @@ int dp_guard_pop_head(struct dp_vq *vq, uint16_t head, struct dp_chain *c)
 }
 
 /* dp_blk_start and dp_blk_finish with guest-memory faults turned into a failed request:
- * the used length, DP_BLK_SUBMIT, or UINT32_MAX when the status byte itself faulted. */
+ * the used length, DP_BLK_SUBMIT, or UINT32_MAX when the status byte itself faulted.
+ * What start executes on the spot is recorded by head in the log's first slot, so that
+ * a request that crashes the process is not run again by the next one. */
 uint32_t dp_guard_start(struct dp_blk *blk, struct dp_slot *s, struct dp_stats *stats,
-                        int *write_enospc, struct dp_io *io)
+                        struct dp_log *log, int *write_enospc, struct dp_io *io)
 {
     sigjmp_buf env;
     sigjmp_buf *volatile outer = guard_env;
+    volatile uint32_t *slot = log ? &log->executing[0] : NULL;
     uint32_t used;
+    executing = slot;
+    executing_log = log;
+    if (slot)
+        *slot = DP_LOG_VALID | DP_LOG_BY_HEAD | s->chain.head;
     if (sigsetjmp(env, 0)) {
         guard_env = outer;
         stats->faults++;
         stats->errors++;
-        return dp_guard_store(s->chain.status, VIRTIO_BLK_S_IOERR) ? 1 : UINT32_MAX;
+        used = dp_guard_store(s->chain.status, VIRTIO_BLK_S_IOERR) ? 1 : UINT32_MAX;
+    } else {
+        enter(&env);
+        used = dp_blk_start(blk, &s->chain, s->iov, stats, write_enospc, io);
+        leave(outer);
     }
-    enter(&env);
-    used = dp_blk_start(blk, &s->chain, s->iov, stats, write_enospc, io);
-    leave(outer);
+    if (slot)
+        *slot = 0;
+    executing = NULL;
+    executing_log = NULL;
     return used;
 }
 

@@ -14,7 +14,6 @@
 #include "dataplane.h"
 
 #define PARALLEL_MIN_BYTES (256u << 10)  /* below this a batch is cheaper on one thread */
-#define LOG_VALID (1u << 16)
 #define FAULTED UINT32_MAX
 
 static void *helper_main(void *arg);
@@ -442,13 +441,44 @@ static bool log_matches_ring(struct dp_queue *q, uint16_t used, uint16_t avail)
     return true;
 }
 
-/* Re-attach after the previous server died. Each queue completes requests in ring
+/* Where the request that crashed the previous process is now, by avail index for this
+ * worker and by head for the asynchronous one; false when it is no longer in flight. */
+static bool find_crashed(struct dp_queue *q, uint32_t crashed, uint16_t used, uint16_t avail)
+{
+    struct dp_vq *vq = &q->vq;
+    volatile uint16_t *ring = vq->avail->ring;
+    if (q->engine) {
+        uint16_t head = (uint16_t)crashed;
+        if (!(crashed & DP_LOG_BY_HEAD)) {
+            if ((uint16_t)((uint16_t)crashed - used) >= (uint16_t)(avail - used))
+                return false;
+            head = ring[(uint16_t)crashed % vq->num];
+        }
+        for (uint32_t i = q->engine->next_resubmit; i < q->engine->nresubmit; i++)
+            if (q->engine->resubmit[i] == head) {
+                q->crashed_head = head;
+                return true;
+            }
+        return false;
+    }
+    for (uint16_t idx = used; idx != avail; idx++) {
+        bool match = crashed & DP_LOG_BY_HEAD ? ring[idx % vq->num] == (uint16_t)crashed
+                                              : idx == (uint16_t)crashed;
+        if (match) {
+            q->crashed_idx = idx;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Re-attach after the previous server died. This worker completes requests in ring
  * order and publishes used->idx per request, so the used ring is the durable progress:
  * everything past used->idx was at most in flight and is executed again (re-running
  * a block read, write or flush is safe), except a request whose execution crashed the
- * previous process: that one fails. The in-flight log, which a worker completing out of
- * order will resume from, is checked against that and starts over. Returns 0 or a
- * DP_POP_* error. */
+ * previous process: that one fails. That holds only if the previous worker completed in
+ * ring order too, which the in-flight log must confirm; the asynchronous worker resumes
+ * from the log instead (dp_engine_resume). Returns 0 or a DP_POP_* error. */
 int dp_queue_resume(struct dp_queue *q)
 {
     struct dp_vq *vq = &q->vq;
@@ -473,13 +503,17 @@ int dp_queue_resume(struct dp_queue *q)
         } else if (q->inflight) {
             q->inflight_disagreed = dp_inflight_valid(q->inflight, vq->num) &&
                                     !log_matches_ring(q, used, avail);
-            dp_inflight_reset(q->inflight, vq->num, used);
+            /* Requests completed out of order (an asynchronous worker ran before): ring
+             * order would run completed writes again over newer data. Stop, and keep the
+             * log for a worker that can resume from it. */
+            if (q->inflight_disagreed)
+                vq->broken = DP_BROKEN_LOG;
+            else
+                dp_inflight_reset(q->inflight, vq->num, used);
         }
         uint32_t crashed = q->log ? q->log->crashed : 0;
-        if (crashed & LOG_VALID) {
-            uint16_t idx = (uint16_t)crashed;
-            q->crashed_pending = (uint16_t)(idx - used) < (uint16_t)(avail - used);
-            q->crashed_idx = idx;
+        if ((crashed & DP_LOG_VALID) && !vq->broken) {
+            q->crashed_pending = find_crashed(q, crashed, used, avail);
             if (!q->crashed_pending)
                 q->log->crashed = 0;
         }
@@ -529,6 +563,8 @@ int dp_queue_run(struct dp_queue *q)
         if (!q->vq.broken)
             while (dp_queue_process(q) >= 0 && !dp_queue_stopping(q) && poll_ring(q))
                 ;
+        else
+            dp_queue_report_broken(q);
         if (dp_queue_stopping(q))
             return 0;
         if (poll(fds, 2, -1) < 0) {
