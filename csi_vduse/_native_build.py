@@ -202,6 +202,7 @@ SOURCES = [
     DATAPLANE_NATIVE / "worker.c",
     DATAPLANE_NATIVE / "guard.c",
     BACKENDS_NATIVE / "file.c",
+    BACKENDS_NATIVE / "rbd.c",
     DATAPLANE_NATIVE / "qos.c",
     DATAPLANE_NATIVE / "inflight.c",
     DATAPLANE_NATIVE / "engine.c",
@@ -209,6 +210,8 @@ SOURCES = [
 # io_uring for the file backend when liburing is installed (file.c checks for the header).
 HEADER_DIRS = (Path("/usr/include"), Path("/usr/local/include"))
 URING = ["uring"] if any((d / "liburing.h").exists() for d in HEADER_DIRS) else []
+# Ceph RBD when librbd is installed (rbd.c checks for the header).
+RBD = ["rbd", "rados"] if any((d / "rbd" / "librbd.h").exists() for d in HEADER_DIRS) else []
 
 
 def header_declarations(path: Path) -> str:
@@ -258,7 +261,7 @@ ffibuilder.set_source(
         "-D_GNU_SOURCE",
         "-pthread",
     ],
-    libraries=URING,
+    libraries=URING + RBD,
     extra_link_args=["-pthread"],
 )
 

@@ -171,11 +171,11 @@ class Device:
         readonly: bool = False, serial: bytes = b"unit-serial", max_descs: int = 64,
         maps: Sequence[tuple[int, int, int]] | None = None, log: Any = None,
         ops: Any = None, file: Any = None, resume: bool = False, inflight: Any = None,
-        depth: int = 0, kicks: bool = False,
+        depth: int = 0, kicks: bool = False, ctx: Any = None,
     ) -> None:  # fmt: skip
         """`depth` > 0 serves the queue on the asynchronous path (engine.c), `depth`
         requests in flight at most; the ops must have one. `kicks` gives the queue kick
-        and stop eventfds, for `run`."""
+        and stop eventfds, for `run`. `ctx` is the backend's, when not the file's."""
         self.guest = guest
         self.file = file or tempfile.TemporaryFile()  # noqa: SIM115 (lives with the device)
         if file is None:
@@ -191,7 +191,7 @@ class Device:
         self.native_file = ffi.new("struct dp_file *", {"fd": self.file.fileno()})
         self.blk = ffi.new("struct dp_blk *")
         self.blk.ops = ops if ops is not None else ffi.addressof(lib.dp_file_ops)
-        self.blk.ctx = self.native_file
+        self.blk.ctx = ctx if ctx is not None else self.native_file
         self.blk.capacity = size // 512
         self.blk.readonly = readonly
         self.blk.max_discard_sectors = self.blk.max_write_zeroes_sectors = 1 << 16

@@ -52,4 +52,25 @@ extern const struct dp_backend_ops dp_file_ops;       /* synchronous system call
 extern const struct dp_backend_ops dp_file_uring_ops; /* reads, writes, flushes on io_uring */
 int dp_file_uring_probe(void);   /* 0 when this process may use io_uring, else -errno */
 
+/* rbd.c: an image in a Ceph pool through librbd; ctx is a struct dp_rbd. Functions return
+ * 0 or a negative errno (-ENOSYS when built without librbd); `err` gets a message. */
+struct dp_rbd_cluster {
+    void *cluster, *ioctx;       /* rados_t, rados_ioctx_t of one pool */
+};
+struct dp_rbd {
+    void *image;                 /* rbd_image_t */
+    uint64_t size;
+};
+extern const struct dp_backend_ops dp_rbd_ops;
+bool dp_rbd_built(void);
+int dp_rbd_connect(struct dp_rbd_cluster *c, const char *monitors, const char *user,
+                   const char *key, const char *pool, char *err, size_t errlen);
+void dp_rbd_disconnect(struct dp_rbd_cluster *c);
+int dp_rbd_create(struct dp_rbd_cluster *c, const char *name, uint64_t size);
+int dp_rbd_remove(struct dp_rbd_cluster *c, const char *name);
+int dp_rbd_open(struct dp_rbd_cluster *c, struct dp_rbd *r, const char *name, bool readonly,
+                char *err, size_t errlen);
+int dp_rbd_resize(struct dp_rbd *r, uint64_t size);
+void dp_rbd_close(struct dp_rbd *r);
+
 #endif

@@ -1,0 +1,133 @@
+"""An image in a Ceph pool, through librbd (rbd.c). The data plane reaches it from C with
+librbd's asynchronous API; the control path here connects, creates, opens and resizes.
+The key comes from a CSI secret and is never logged or shown in a repr."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from csi_vduse._native import ffi, lib
+from csi_vduse.backends.base import SECTOR, Backend, BackendError
+
+ERROR_BYTES = 256
+
+
+def available() -> bool:
+    """Whether this build has librbd in it."""
+    return bool(lib.dp_rbd_built())
+
+
+class RbdAccess(BaseModel):
+    """Where the pool is and who may use it: the monitors, a cephx user (without
+    "client.") and its key, as a CSI secret holds them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    monitors: str
+    user: str
+    key: SecretStr
+    pool: str
+
+
+class RbdCluster:
+    """A connection to one pool."""
+
+    def __init__(self, access: RbdAccess) -> None:
+        if not available():
+            raise BackendError("this build of csi-vduse has no librbd (install librbd-dev)")
+        self.access = access
+        self._native = ffi.new("struct dp_rbd_cluster *")
+        err = ffi.new("char[]", ERROR_BYTES)
+        r = lib.dp_rbd_connect(
+            self._native, access.monitors.encode(), access.user.encode(),
+            access.key.get_secret_value().encode(), access.pool.encode(), err, ERROR_BYTES,
+        )  # fmt: skip
+        if r < 0:
+            raise BackendError(f"ceph pool {access.pool}: {ffi.string(err).decode()}")
+
+    def create(self, image: str, size: int) -> None:
+        _check_size(size)
+        r = lib.dp_rbd_create(self._native, image.encode(), size)
+        if r < 0:
+            raise BackendError(f"creating rbd image {self.access.pool}/{image}: "
+                               f"{os.strerror(-r)}")  # fmt: skip
+
+    def remove(self, image: str) -> bool:
+        """Removes the image; False if there was none."""
+        r = lib.dp_rbd_remove(self._native, image.encode())
+        if r == -2:  # ENOENT
+            return False
+        if r < 0:
+            raise BackendError(f"removing rbd image {self.access.pool}/{image}: "
+                               f"{os.strerror(-r)}")  # fmt: skip
+        return True
+
+    def native(self) -> Any:
+        return self._native
+
+    def close(self) -> None:
+        if self._native is not None:
+            lib.dp_rbd_disconnect(self._native)
+            self._native = None
+
+    def __enter__(self) -> RbdCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RbdBackend(Backend):
+    def __init__(self, cluster: RbdCluster, image: str, native: Any, readonly: bool) -> None:
+        self.cluster = cluster
+        self.image = image
+        self._native = native
+        self.size = int(native.size)
+        self.readonly = readonly
+
+    @classmethod
+    def open(cls, cluster: RbdCluster, image: str, readonly: bool = False) -> RbdBackend:
+        """Opens the image; a writer holds its exclusive lock until close, so a second
+        writer (another node) fails here."""
+        native = ffi.new("struct dp_rbd *")
+        err = ffi.new("char[]", ERROR_BYTES)
+        r = lib.dp_rbd_open(cluster.native(), native, image.encode(), readonly, err, ERROR_BYTES)
+        if r < 0:
+            raise BackendError(f"rbd image {cluster.access.pool}/{image}: "
+                               f"{ffi.string(err).decode()}")  # fmt: skip
+        return cls(cluster, image, native, readonly)
+
+    @property
+    def async_unavailable(self) -> str | None:
+        return None
+
+    def native_ops(self) -> tuple[Any, Any]:
+        return ffi.addressof(lib.dp_rbd_ops), self._native
+
+    def flush(self) -> None:
+        r = lib.dp_rbd_ops.flush(self._native)
+        if r < 0:
+            raise BackendError(f"flushing rbd image {self.image}: {os.strerror(-r)}")
+
+    def grow(self, size: int) -> None:
+        _check_size(size)
+        if size < self.size:
+            raise BackendError(f"refusing to shrink rbd image {self.image} from {self.size} "
+                               f"to {size}")  # fmt: skip
+        r = lib.dp_rbd_resize(self._native, size)
+        if r < 0:
+            raise BackendError(f"resizing rbd image {self.image}: {os.strerror(-r)}")
+        self.size = size
+
+    def close(self) -> None:
+        if self._native is not None:
+            lib.dp_rbd_close(self._native)
+            self._native = None
+
+
+def _check_size(size: int) -> None:
+    if size <= 0 or size % SECTOR:
+        raise BackendError(f"size {size} is not a positive multiple of {SECTOR} bytes")

@@ -1,0 +1,122 @@
+"""The RBD backend against a real single-node Ceph (tests/ceph/cluster.py): the data
+plane's asynchronous worker over librbd on a fake guest, and the image's exclusive lock."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+from pydantic import SecretStr
+
+from csi_vduse._native import lib
+from csi_vduse.backends import rbd
+from csi_vduse.backends.base import BackendError
+from tests.ceph.cluster import CephCluster, missing_binaries
+from tests.unit.fakeguest import Device, FakeGuest
+
+OK, IOERR = lib.VIRTIO_BLK_S_OK, lib.VIRTIO_BLK_S_IOERR
+IN, OUT, FLUSH = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def ceph() -> Iterator[CephCluster]:
+    assert not missing_binaries(), f"install Debian's ceph: {missing_binaries()}"
+    assert rbd.available(), "this build has no librbd: install librbd-dev and rebuild"
+    with CephCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def access(ceph: CephCluster) -> rbd.RbdAccess:
+    return rbd.RbdAccess(
+        monitors=ceph.monitors, user=ceph.user, key=SecretStr(ceph.key), pool=ceph.pool
+    )
+
+
+def status(guest: FakeGuest, iova: int) -> int:
+    return guest.arena.read(iova, 1)[0]
+
+
+def test_requests_in_flight_together_read_back_what_was_written(
+    access: rbd.RbdAccess, ceph: CephCluster
+) -> None:
+    with rbd.RbdCluster(access) as cluster:
+        cluster.create("data", 16 * MiB)
+        backend = rbd.RbdBackend.open(cluster, "data")
+        try:
+            ops, ctx = backend.native_ops()
+            guest = FakeGuest(num=256, pages=1024)  # 3 descriptors a request
+            dev = Device(guest, size=backend.size, ops=ops, ctx=ctx, depth=64)
+            blocks = {k: os.urandom(4096) for k in range(48)}
+            writes = [guest.blk_request(OUT, sector=8 * k * 37 % 32768, out=data)
+                      for k, data in blocks.items()]  # fmt: skip
+            assert dev.process() == len(writes)
+            assert all(status(guest, st) == OK for _, _, st in writes)
+            flush = guest.blk_request(FLUSH)
+            reads = [guest.blk_request(IN, sector=8 * k * 37 % 32768, in_len=4096)
+                     for k in blocks]  # fmt: skip
+            assert dev.process() == 1 + len(reads)
+            assert status(guest, flush[2]) == OK
+            for (_, din, st), data in zip(reads, blocks.values(), strict=True):
+                assert status(guest, st) == OK
+                assert guest.arena.read(din, 4096) == data
+        finally:
+            backend.close()
+        # what the guest wrote is in the image, as the rbd tool reads it
+        out = ceph.dir / "export"
+        ceph.rbd("export", f"{access.pool}/data", str(out))
+        image = out.read_bytes()
+        k = 5
+        offset = 512 * (8 * k * 37 % 32768)
+        assert image[offset : offset + 4096] == blocks[k]
+        assert cluster.remove("data")
+
+
+def test_write_zeroes_zeroes_and_a_read_past_the_end_fails(access: rbd.RbdAccess) -> None:
+    with rbd.RbdCluster(access) as cluster:
+        cluster.create("zeroes", 4 * MiB)
+        backend = rbd.RbdBackend.open(cluster, "zeroes")
+        try:
+            ops, ctx = backend.native_ops()
+            guest = FakeGuest(num=16, pages=64)
+            dev = Device(guest, size=backend.size, ops=ops, ctx=ctx, depth=8)
+            guest.blk_request(OUT, sector=0, out=b"\xff" * 8192)
+            assert dev.process() == 1
+            zeroes = struct.pack("<QII", 4, 8, 0)  # sectors 4..11
+            _, _, st = guest.blk_request(lib.VIRTIO_BLK_T_WRITE_ZEROES, out=zeroes)
+            _, din, rst = guest.blk_request(IN, sector=0, in_len=8192)
+            _, _, past = guest.blk_request(IN, sector=backend.size // 512, in_len=512)
+            assert dev.process() == 3
+            assert status(guest, st) == OK and status(guest, rst) == OK
+            assert guest.arena.read(din, 8192) == b"\xff" * 2048 + bytes(4096) + b"\xff" * 2048
+            assert status(guest, past) == IOERR
+        finally:
+            backend.close()
+        cluster.remove("zeroes")
+
+
+def test_a_second_writer_cannot_open_an_image_in_use(access: rbd.RbdAccess) -> None:
+    with rbd.RbdCluster(access) as first, rbd.RbdCluster(access) as second:
+        first.create("locked", 4 * MiB)
+        owner = rbd.RbdBackend.open(first, "locked")
+        try:
+            with pytest.raises(BackendError, match="exclusive lock"):
+                rbd.RbdBackend.open(second, "locked")
+            reader = rbd.RbdBackend.open(second, "locked", readonly=True)
+            reader.close()
+        finally:
+            owner.close()
+        rbd.RbdBackend.open(second, "locked").close()  # free again once the owner closed
+        first.remove("locked")
+
+
+def test_a_wrong_key_is_refused_and_not_echoed(access: rbd.RbdAccess) -> None:
+    fields = access.model_dump() | {"key": "AQBtLgAAAAAAABAAsomethingwrongxxxxxxxxxxxxx=="}
+    bad = rbd.RbdAccess(**fields)
+    with pytest.raises(BackendError) as raised:
+        rbd.RbdCluster(bad)
+    assert "somethingwrong" not in str(raised.value)
+    assert "somethingwrong" not in repr(bad)
