@@ -29,8 +29,8 @@ def _free_port() -> int:
 
 
 class CephCluster:
-    def __init__(self, pool: str = "rbd", user: str = "csi") -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="ceph-"))
+    def __init__(self, pool: str = "rbd", user: str = "csi", parent: Path | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ceph-", dir=parent))
         self.conf = self.dir / "ceph.conf"
         self.pool = pool
         self.user = user
@@ -136,6 +136,8 @@ class CephCluster:
             "osd pool default pg num": "8",
             "osd pool default pgp num": "8",
             "osd crush chooseleaf type": "0",
+            # not the host name, which the lab's guest may not have
+            "crush location": "root=default host=ceph-test",
             "mon allow pool size one": "true",
             "mon warn on pool no redundancy": "false",
             "mon data avail warn": "1",
@@ -151,7 +153,12 @@ class CephCluster:
         self._daemons.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
 
     def _run(self, *argv: str, timeout: float = 60) -> str:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"{' '.join(argv)} did not finish in {timeout:g} s\n{self.log_tail()}"
+            ) from None
         if r.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}\n{self.log_tail()}"

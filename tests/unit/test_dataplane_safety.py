@@ -270,7 +270,8 @@ def test_the_data_plane_builds_for_arm64(tmp_path: Path) -> None:
         obj = tmp_path / f"{src.stem}.o"
         subprocess.run(
             ["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Werror", "-fPIC",
-             "-Wno-unused-parameter", "-D_GNU_SOURCE", "-DCSI_VDUSE_NO_URING", "-pthread",
+             "-Wno-unused-parameter", "-D_GNU_SOURCE", "-DCSI_VDUSE_NO_URING",
+             "-DCSI_VDUSE_NO_RBD", "-pthread",
              *includes,
              "-c", str(src), "-o", str(obj)],
             check=True, capture_output=True, text=True,
