@@ -27,8 +27,15 @@ def _parser() -> argparse.ArgumentParser:
                         choices=["debug", "info", "warning", "error"])  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    export = sub.add_parser("export", help="serve a file as a VDUSE block device (foreground)")
-    export.add_argument("file", help="backing file; created sparse when missing")
+    export = sub.add_parser(
+        "export", help="serve a file or an RBD image as a VDUSE block device (foreground)"
+    )
+    export.add_argument(
+        "file", help="backing file (created sparse when missing), or rbd:POOL/IMAGE"
+    )
+    export.add_argument("--ceph-monitors", help="rbd: the monitors, e.g. v2:10.0.0.1:3300")
+    export.add_argument("--ceph-user", help="rbd: the cephx user, without client. (admin)")
+    export.add_argument("--ceph-keyfile", help="rbd: a file holding the user's key or keyring")
     export.add_argument("--name", required=True, help="VDUSE and vdpa device name")
     export.add_argument("--size", help="size when creating (or growing) the file, e.g. 1G")
     export.add_argument("--queues", type=int, default=1, help="number of virtqueues")
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from csi_vduse.lifecycle.export import ExportOptions, run_export
 
-            fields = ("file", "name", "size", "queues", "queue_size", "readonly", "attach")
+            fields = ("file", "name", "size", "queues", "queue_size", "readonly", "attach",
+                      "ceph_monitors", "ceph_user", "ceph_keyfile")  # fmt: skip
             opts = ExportOptions.model_validate({f: getattr(args, f) for f in fields})
             return run_export(opts)
         if args.command == "doctor":

@@ -81,24 +81,29 @@ class RbdCluster:
 
 
 class RbdBackend(Backend):
-    def __init__(self, cluster: RbdCluster, image: str, native: Any, readonly: bool) -> None:
+    def __init__(
+        self, cluster: RbdCluster, image: str, native: Any, readonly: bool, owns_cluster: bool
+    ) -> None:
         self.cluster = cluster
         self.image = image
         self._native = native
         self.size = int(native.size)
         self.readonly = readonly
+        self._owns_cluster = owns_cluster
 
     @classmethod
-    def open(cls, cluster: RbdCluster, image: str, readonly: bool = False) -> RbdBackend:
+    def open(
+        cls, cluster: RbdCluster, image: str, readonly: bool = False, owns_cluster: bool = False
+    ) -> RbdBackend:
         """Opens the image; a writer holds its exclusive lock until close, so a second
-        writer (another node) fails here."""
+        writer (another node) fails here. With `owns_cluster`, close disconnects too."""
         native = ffi.new("struct dp_rbd *")
         err = ffi.new("char[]", ERROR_BYTES)
         r = lib.dp_rbd_open(cluster.native(), native, image.encode(), readonly, err, ERROR_BYTES)
         if r < 0:
             raise BackendError(f"rbd image {cluster.access.pool}/{image}: "
                                f"{ffi.string(err).decode()}")  # fmt: skip
-        return cls(cluster, image, native, readonly)
+        return cls(cluster, image, native, readonly, owns_cluster)
 
     @property
     def async_unavailable(self) -> str | None:
@@ -126,6 +131,8 @@ class RbdBackend(Backend):
         if self._native is not None:
             lib.dp_rbd_close(self._native)
             self._native = None
+        if self._owns_cluster:
+            self.cluster.close()
 
 
 def _check_size(size: int) -> None:

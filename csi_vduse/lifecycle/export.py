@@ -1,7 +1,9 @@
-"""`csi-vduse export`: serve a file as a VDUSE block device in the foreground."""
+"""`csi-vduse export`: serve a file or an RBD image as a VDUSE block device in the
+foreground."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -9,9 +11,18 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    model_validator,
+)
 
-from csi_vduse.backends import FileBackend
+from csi_vduse.backends import Backend, FileBackend
+from csi_vduse.backends import rbd as rbd_backend
 from csi_vduse.dataplane.blk_device import MAX_QUEUE_SIZE, MAX_QUEUES, MIN_QUEUE_SIZE, BlkParams
 from csi_vduse.kernel import sysfs
 from csi_vduse.lifecycle.attachment import Attachment, DeviceBusy
@@ -31,6 +42,10 @@ def _positive_size(n: int | None) -> int | None:
     return n
 
 
+RBD_PREFIX = "rbd:"
+RBD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 class ExportOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -46,10 +61,65 @@ class ExportOptions(BaseModel):
     ] = 256
     readonly: bool = False
     attach: Literal["virtio-vdpa", "vhost-vdpa"] = "virtio-vdpa"
+    ceph_monitors: str | None = None
+    ceph_user: str | None = None
+    ceph_keyfile: Path | None = None
+
+    @property
+    def rbd_image(self) -> tuple[str, str] | None:
+        """(pool, image) when the backing is rbd:POOL/IMAGE."""
+        text = str(self.file)
+        if not text.startswith(RBD_PREFIX):
+            return None
+        pool, _, image = text.removeprefix(RBD_PREFIX).partition("/")
+        return pool, image
+
+    @model_validator(mode="after")
+    def _rbd_options(self) -> ExportOptions:
+        ceph = (self.ceph_monitors, self.ceph_user, self.ceph_keyfile)
+        target = self.rbd_image
+        if target is None:
+            if any(v is not None for v in ceph):
+                raise ValueError("--ceph-* options are for an rbd:POOL/IMAGE backing only")
+            return self
+        if not all(RBD_NAME.fullmatch(part) for part in target):
+            raise ValueError(f"{self.file} is not rbd:POOL/IMAGE")
+        if self.ceph_monitors is None or self.ceph_keyfile is None:
+            raise ValueError("an rbd backing needs --ceph-monitors and --ceph-keyfile")
+        if self.size is not None:
+            raise ValueError("an rbd image is not created here: create it with `rbd create`")
+        return self
+
+
+def read_key(path: Path) -> SecretStr:
+    """A bare key, or the `key = ...` line of a keyring file."""
+    text = path.read_text()
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == "key":
+            return SecretStr(value.strip())
+    return SecretStr(text.strip())
+
+
+def open_backend(opts: ExportOptions) -> Backend:
+    target = opts.rbd_image
+    if target is None:
+        return FileBackend.open(opts.file, opts.size, opts.readonly)
+    assert opts.ceph_monitors is not None and opts.ceph_keyfile is not None
+    access = rbd_backend.RbdAccess(
+        monitors=opts.ceph_monitors, user=opts.ceph_user or "admin",
+        key=read_key(opts.ceph_keyfile), pool=target[0],
+    )  # fmt: skip
+    cluster = rbd_backend.RbdCluster(access)
+    try:
+        return rbd_backend.RbdBackend.open(cluster, target[1], opts.readonly, owns_cluster=True)
+    except BaseException:
+        cluster.close()
+        raise
 
 
 def run_export(opts: ExportOptions) -> int:
-    backend = FileBackend.open(opts.file, opts.size, opts.readonly)
+    backend = open_backend(opts)
     params = BlkParams(
         capacity=backend.size, queues=opts.queues, queue_size=opts.queue_size,
         readonly=opts.readonly, serial=opts.name,
@@ -62,7 +132,8 @@ def run_export(opts: ExportOptions) -> int:
         path = attachment.start()
     except BaseException:
         backend.close()
-        backend.discard_created()
+        if isinstance(backend, FileBackend):
+            backend.discard_created()
         raise
     try:
         print(path, flush=True)

@@ -17,7 +17,7 @@ from csi_vduse.backends.base import BackendError
 from csi_vduse.dataplane.blk_device import BlkParams
 from csi_vduse.lifecycle.attachment import Attachment
 from tests.ceph.cluster import CephCluster, missing_binaries
-from tests.e2e.helpers import assert_gone, run
+from tests.e2e.helpers import Export, assert_gone, run
 
 MiB = 1 << 20
 
@@ -95,4 +95,29 @@ def test_a_second_node_cannot_write_an_image_in_use(pool: rbd.RbdCluster, name: 
     finally:
         att.stop()
         owner.close()
+    assert pool.remove(name)
+
+
+def test_export_serves_an_image_and_a_restart_keeps_its_data(
+    pool: rbd.RbdCluster, ceph: CephCluster, name: str, workdir: Path
+) -> None:
+    pool.create(name, 64 * MiB)
+    keyfile = workdir / "key"
+    keyfile.write_text(pool.access.key.get_secret_value())
+    keyfile.chmod(0o600)
+    args = ("--ceph-monitors", ceph.monitors, "--ceph-user", ceph.user,
+            "--ceph-keyfile", str(keyfile), "--queues", "2")  # fmt: skip
+    exp = Export(Path(f"rbd:{ceph.pool}/{name}"), name, *args)
+    fio = ("fio", "--name=v", f"--filename={exp.device}", "--direct=1", "--ioengine=libaio",
+           "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
+           "--verify_fatal=1", "--randseed=7")  # fmt: skip
+    run(*fio)
+    assert exp.stop() == 0, exp.stderr
+    assert ceph.key not in exp.stderr
+    assert_gone(name)
+    exp = Export(Path(f"rbd:{ceph.pool}/{name}"), name, *args)
+    try:
+        run(*fio, "--verify_only=1")  # what the first export wrote, read back
+    finally:
+        assert exp.stop() == 0, exp.stderr
     assert pool.remove(name)

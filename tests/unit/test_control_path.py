@@ -16,7 +16,7 @@ from csi_vduse.backends import BackendError, FileBackend
 from csi_vduse.cli import main
 from csi_vduse.dataplane.blk_device import BlkParams, capacity_field, config_space, features
 from csi_vduse.kernel.netlink import NetlinkError, attr_int, attr_str, pack_attr, parse_attrs, strz
-from csi_vduse.lifecycle.export import ExportOptions
+from csi_vduse.lifecycle.export import ExportOptions, read_key
 from csi_vduse.lifecycle.names import check_device_name
 from csi_vduse.units import parse_size
 
@@ -55,6 +55,22 @@ def test_export_options_validate_every_field(tmp_path: Path) -> None:
     ):  # fmt: skip
         with pytest.raises(ValidationError):
             ExportOptions.model_validate({**base, **bad})
+
+
+def test_export_options_for_an_rbd_image(tmp_path: Path) -> None:
+    key = tmp_path / "keyring"
+    key.write_text("[client.csi]\n\tkey = AQBsecret==\n")
+    ceph = {"ceph_monitors": "v2:127.0.0.1:3300", "ceph_user": "csi", "ceph_keyfile": key}
+    opts = ExportOptions.model_validate({"file": "rbd:pool-1/img.a", "name": "d", **ceph})
+    assert opts.rbd_image == ("pool-1", "img.a")
+    assert read_key(key).get_secret_value() == "AQBsecret=="
+    for bad in (
+        {"file": "rbd:pool"}, {"file": "rbd:/img"}, {"file": "rbd:p/i/j"},
+        {"file": "rbd:p/i", "size": "1G"}, {"file": "rbd:p/i", "ceph_monitors": None},
+        {"file": tmp_path / "f"},  # --ceph-* with a file
+    ):  # fmt: skip
+        with pytest.raises(ValidationError):
+            ExportOptions.model_validate({"file": "rbd:p/i", "name": "d", **ceph, **bad})
 
 
 def test_file_backend_creates_sparse_and_never_truncates(tmp_path: Path) -> None:
