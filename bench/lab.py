@@ -2,6 +2,9 @@
 With --cold (a small guest, the scratch disk uncached on the host, the page cache dropped
 before every run) the references are fio with O_DIRECT on the file itself and
 qemu-storage-daemon reading the file with O_DIRECT through thread-pool and io_uring AIO.
+With --rbd, one image in a single-node Ceph started here is served by csi-vduse and by what
+ceph-csi users run today: the kernel client (krbd), rbd-nbd, and qemu-storage-daemon's
+vduse-blk export on its rbd driver.
 
 Prints one JSON document between BEGIN/END markers for the host side (bench.run)."""
 
@@ -133,6 +136,119 @@ def serve_loop(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
         subprocess.run(["losetup", "-d", dev], check=True)
 
 
+@dataclass(frozen=True)
+class RbdImage:
+    conf: Path
+    keyfile: Path  # client.admin's key
+    monitors: str
+    spec: str  # pool/image
+
+
+class Unavailable(RuntimeError):
+    """This server cannot run in this lab (a kernel without the module, say)."""
+
+
+def _command(*argv: str) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Unavailable(f"{' '.join(argv)}: {r.stderr.strip()[-300:]}")
+    return r.stdout.strip()
+
+
+@contextmanager
+def serve_csi_vduse_rbd(rbd: RbdImage, queues: int, queue_size: int) -> Iterator[Served]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "csi_vduse", "--log-level=warning", "export", f"rbd:{rbd.spec}",
+         "--name", "bench-csi-vduse", "--queues", str(queues), "--queue-size", str(queue_size),
+         "--ceph-monitors", rbd.monitors, "--ceph-user", "admin",
+         "--ceph-keyfile", str(rbd.keyfile)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line:
+        raise RuntimeError("csi-vduse export did not start")
+    try:
+        yield Served(Path(line), proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@contextmanager
+def serve_krbd(rbd: RbdImage, queues: int, queue_size: int) -> Iterator[Served]:
+    _command("modprobe", "rbd")
+    dev = _command("rbd", "-c", str(rbd.conf), "device", "map", "-o", "ms_mode=prefer-crc",
+                   rbd.spec)  # fmt: skip
+    try:
+        yield Served(Path(dev), None)  # the kernel's CPU time is not a process's
+    finally:
+        subprocess.run(["rbd", "-c", str(rbd.conf), "device", "unmap", dev], check=True)
+
+
+@contextmanager
+def serve_rbd_nbd(rbd: RbdImage, queues: int, queue_size: int) -> Iterator[Served]:
+    _command("modprobe", "nbd", "nbds_max=4")
+    dev = _command("rbd-nbd", "-c", str(rbd.conf), "map", rbd.spec)
+    pid = int(_command("pgrep", "-n", "rbd-nbd"))
+    try:
+        yield Served(Path(dev), pid)
+    finally:
+        subprocess.run(["rbd-nbd", "-c", str(rbd.conf), "unmap", dev], check=True)
+
+
+@contextmanager
+def serve_qsd_rbd(rbd: RbdImage, queues: int, queue_size: int) -> Iterator[Served]:
+    name = "bench-qsd"
+    pool, image = rbd.spec.split("/")
+    proc = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=rbd,node-name=disk0,pool={pool},image={image},"
+                      f"conf={rbd.conf},user=admin,cache.direct=on",
+        "--export", f"type=vduse-blk,id=exp0,node-name=disk0,name={name},"
+                    f"num-queues={queues},queue-size={queue_size},writable=on",
+    ])  # fmt: skip
+    vdpa = VdpaClient()
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"/dev/vduse/{name}").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("qemu-storage-daemon did not create its device")
+            time.sleep(0.05)
+        vdpa.add(name)
+        try:
+            yield Served(_wait_device(name), proc.pid)
+        finally:
+            vdpa.delete(name)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+RBD_SERVERS = {
+    "csi-vduse": serve_csi_vduse_rbd,
+    "krbd": serve_krbd,
+    "rbd-nbd": serve_rbd_nbd,
+    "qsd-rbd": serve_qsd_rbd,
+}
+RBD_WORKLOADS = ["randread-4k-qd1", "randwrite-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32"]
+
+
+@contextmanager
+def rbd_image(size: str) -> Iterator[RbdImage]:
+    """A single-node Ceph with one image of `size`, written once end to end."""
+    from csi_vduse.lifecycle.export import read_key
+    from tests.ceph.cluster import CephCluster
+
+    with CephCluster(parent=Path(os.environ.get("LAB_SCRATCH", "/run/scratch"))) as ceph:
+        ceph.rbd("create", "--size", size, f"{ceph.pool}/bench")
+        ceph.rbd("bench", "--io-type", "write", "--io-pattern", "seq", "--io-size", "4M",
+                 "--io-total", size, f"{ceph.pool}/bench", timeout=600)  # fmt: skip
+        keyfile = ceph.dir / "admin.key"
+        keyfile.write_text(read_key(ceph.dir / "keyring", "admin").get_secret_value())
+        yield RbdImage(ceph.conf, keyfile, ceph.monitors, f"{ceph.pool}/bench")
+
+
 @contextmanager
 def serve_file_direct(image: Path, queues: int, queue_size: int) -> Iterator[Served]:
     """No server: fio reads the file itself with O_DIRECT, the disk's own speed."""
@@ -195,7 +311,10 @@ def main() -> int:
     parser.add_argument("--workloads", default="", help="comma list of names (default all)")
     parser.add_argument("--levers", action="store_true", help="csi-vduse variants only")
     parser.add_argument("--cold", action="store_true", help="reads that miss every cache")
+    parser.add_argument("--rbd", action="store_true", help="an RBD image in a Ceph started here")
     args = parser.parse_args()
+    if args.rbd:
+        return run_rbd(args)
     wanted = args.workloads.split(",") if args.workloads else []
     if args.levers and not wanted:
         wanted = LEVER_WORKLOADS
@@ -220,13 +339,7 @@ def main() -> int:
                 for w in chosen:
                     if args.cold:
                         drop_caches()
-                    before = cpu_seconds(served.pid)
-                    r = run_fio(served.device, w, args.runtime, args.size)
-                    after = cpu_seconds(served.pid)
-                    cpu = None if before is None or after is None else after - before
-                    r["cpu_us_per_io"] = (
-                        cpu * 1e6 / r["ios"] if cpu is not None and r["ios"] else -1
-                    )
+                    r = measure(served, w, args.runtime, args.size)
                     results.append({"round": rnd, "server": server, **asdict(w), **r})
                     print(f"round {rnd} {server:9} {w.name:24} {r['iops']:9.0f} IOPS "
                           f"p99 {r['lat_p99_us']:8.1f} us", flush=True)  # fmt: skip
@@ -235,6 +348,44 @@ def main() -> int:
     print(json.dumps(doc))
     print(END)
     return 0
+
+
+def run_rbd(args: argparse.Namespace) -> int:
+    wanted = args.workloads.split(",") if args.workloads else RBD_WORKLOADS
+    chosen = [w for w in WORKLOADS if w.name in wanted]
+    results: list[dict[str, object]] = []
+    unavailable: dict[str, str] = {}
+    with rbd_image(args.size) as image:
+        for rnd in range(args.rounds):
+            names = list(RBD_SERVERS) if rnd % 2 == 0 else list(reversed(RBD_SERVERS))
+            for server in names:
+                if server in unavailable:
+                    continue
+                try:
+                    with RBD_SERVERS[server](image, args.queues, args.queue_size) as served:
+                        for w in chosen:
+                            r = measure(served, w, args.runtime, args.size)
+                            results.append({"round": rnd, "server": server, **asdict(w), **r})
+                            print(f"round {rnd} {server:9} {w.name:24} {r['iops']:9.0f} IOPS "
+                                  f"p99 {r['lat_p99_us']:8.1f} us", flush=True)  # fmt: skip
+                except Unavailable as e:
+                    unavailable[server] = str(e)
+                    print(f"{server}: unavailable here: {e}", flush=True)
+    doc = {"kernel": os.uname().release, "args": vars(args), "results": results,
+           "unavailable": unavailable}  # fmt: skip
+    print(BEGIN)
+    print(json.dumps(doc))
+    print(END)
+    return 0
+
+
+def measure(served: Served, w: Workload, runtime: int, size: str) -> dict[str, float]:
+    before = cpu_seconds(served.pid)
+    r = run_fio(served.device, w, runtime, size)
+    after = cpu_seconds(served.pid)
+    cpu = None if before is None or after is None else after - before
+    r["cpu_us_per_io"] = cpu * 1e6 / r["ios"] if cpu is not None and r["ios"] else -1
+    return r
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The benchmark, from the host: boots the lab, runs bench.lab inside, and reports.
 
-    scripts/bench [--rounds N] [--runtime S] [--workloads a,b] [--levers | --cold]
+    scripts/bench [--rounds N] [--runtime S] [--workloads a,b] [--levers | --cold | --rbd]
 
 Prints one table (IOPS, bandwidth, mean and p99 latency, CPU time per I/O of the server
 process, ratios to qemu-storage-daemon and to loop), saves it as JSON plus a PNG of the
@@ -9,7 +9,10 @@ random reads of a 2 GiB file in a 1 GiB guest on a disk the host does not cache,
 with O_DIRECT on the file, csi-vduse's synchronous worker and qemu-storage-daemon with
 O_DIRECT (threads and io_uring AIO).
 
-The --cold setup is the one issue 12's goals are stated in."""
+The --cold setup is the one issue 12's goals are stated in. --rbd serves one image of a
+single-node Ceph started in the lab (kernel debian612, which has the rbd and nbd modules)
+by csi-vduse, krbd, rbd-nbd and qemu-storage-daemon's rbd driver, and prints csi-vduse's
+IOPS over each."""
 
 from __future__ import annotations
 
@@ -110,6 +113,13 @@ def render_cold(table: dict[str, dict[str, dict[str, float]]]) -> str:
     )  # fmt: skip
 
 
+def render_rbd(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    return render_per_server(
+        table, "csi-vduse x this",
+        lambda name, iops, ours: None if name == "csi-vduse" else ours / iops,
+    )  # fmt: skip
+
+
 def plot(rel: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib
 
@@ -160,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         "--levers", action="store_true", help="measure data-plane levers against the defaults"
     )
     mode.add_argument("--cold", action="store_true", help="reads that miss every cache")
+    mode.add_argument("--rbd", action="store_true", help="an RBD image, against krbd and others")
     args = parser.parse_args(argv)
     command = (f"python -m bench.lab --rounds {args.rounds} --runtime {args.runtime} "
                f"--queues {args.queues} --workloads '{args.workloads}'"
                + (" --levers" if args.levers else "")
-               + (" --cold --size 2G" if args.cold else ""))  # fmt: skip
-    if args.cold:
+               + (" --cold --size 2G" if args.cold else "")
+               + (" --rbd --size 512M" if args.rbd else ""))  # fmt: skip
+    if args.rbd:
+        result = runner.run(command, timeout=5400, kernel="debian612")
+    elif args.cold:
         result = runner.run(command, timeout=5400, memory_mib=1024, scratch_cache="none")
     else:
         result = runner.run(command, timeout=5400)
@@ -181,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / f"cold-{stamp}.json").write_text(json.dumps(doc, indent=1))
         print(render_cold(table))
         print(f"saved {RESULTS}/cold-{stamp}.json")
+        return 0
+    if args.rbd:
+        doc["table"] = table
+        (RESULTS / f"rbd-{stamp}.json").write_text(json.dumps(doc, indent=1))
+        print(render_rbd(table))
+        for server, why in doc.get("unavailable", {}).items():
+            print(f"{server}: not measured: {why}")
+        print(f"saved {RESULTS}/rbd-{stamp}.json")
         return 0
     if args.levers:
         doc["table"] = table

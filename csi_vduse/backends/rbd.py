@@ -4,20 +4,36 @@ The key comes from a CSI secret and is never logged or shown in a repr."""
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Any
+import time
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr
 
 from csi_vduse._native import ffi, lib
 from csi_vduse.backends.base import SECTOR, Backend, BackendError
 
 ERROR_BYTES = 256
+# A process that died holding an image's exclusive lock keeps it until its watch on the
+# image times out (30 s by default); librbd then breaks the lock and blocklists it.
+LOCK_WAIT_S = 45.0
+LOCK_HELD = (errno.EROFS, errno.EBUSY, errno.EAGAIN)
+
+
+class RbdLockHeld(BackendError):
+    """Another client writes the image."""
 
 
 def available() -> bool:
     """Whether this build has librbd in it."""
     return bool(lib.dp_rbd_built())
+
+
+def _bare_user(user: str) -> str:
+    if not user or user.startswith("client."):
+        raise ValueError(f"{user!r}: give the cephx user without 'client.'")
+    return user
 
 
 class RbdAccess(BaseModel):
@@ -27,7 +43,7 @@ class RbdAccess(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     monitors: str
-    user: str
+    user: Annotated[str, AfterValidator(_bare_user)]
     key: SecretStr
     pool: str
 
@@ -39,6 +55,7 @@ class RbdCluster:
         if not available():
             raise BackendError("this build of csi-vduse has no librbd (install librbd-dev)")
         self.access = access
+        self.open_images = 0
         self._native = ffi.new("struct dp_rbd_cluster *")
         err = ffi.new("char[]", ERROR_BYTES)
         r = lib.dp_rbd_connect(
@@ -69,6 +86,8 @@ class RbdCluster:
         return self._native
 
     def close(self) -> None:
+        if self.open_images:
+            raise BackendError(f"{self.open_images} rbd image(s) still open on this connection")
         if self._native is not None:
             lib.dp_rbd_disconnect(self._native)
             self._native = None
@@ -93,16 +112,29 @@ class RbdBackend(Backend):
 
     @classmethod
     def open(
-        cls, cluster: RbdCluster, image: str, readonly: bool = False, owns_cluster: bool = False
-    ) -> RbdBackend:
+        cls, cluster: RbdCluster, image: str, readonly: bool = False, owns_cluster: bool = False,
+        lock_wait: float = LOCK_WAIT_S,
+    ) -> RbdBackend:  # fmt: skip
         """Opens the image; a writer holds its exclusive lock until close, so a second
-        writer (another node) fails here. With `owns_cluster`, close disconnects too."""
+        writer (another node) fails here with RbdLockHeld, after waiting up to `lock_wait`
+        seconds for a dead owner's lock to lapse. With `owns_cluster`, close disconnects
+        too."""
         native = ffi.new("struct dp_rbd *")
         err = ffi.new("char[]", ERROR_BYTES)
-        r = lib.dp_rbd_open(cluster.native(), native, image.encode(), readonly, err, ERROR_BYTES)
-        if r < 0:
-            raise BackendError(f"rbd image {cluster.access.pool}/{image}: "
-                               f"{ffi.string(err).decode()}")  # fmt: skip
+        deadline = time.monotonic() + lock_wait
+        while True:
+            r = lib.dp_rbd_open(
+                cluster.native(), native, image.encode(), readonly, err, ERROR_BYTES
+            )
+            if r >= 0:
+                break
+            message = f"rbd image {cluster.access.pool}/{image}: {ffi.string(err).decode()}"
+            if -r not in LOCK_HELD:
+                raise BackendError(message)
+            if time.monotonic() >= deadline:
+                raise RbdLockHeld(message)
+            time.sleep(1.0)
+        cluster.open_images += 1
         return cls(cluster, image, native, readonly, owns_cluster)
 
     @property
@@ -113,6 +145,8 @@ class RbdBackend(Backend):
         return ffi.addressof(lib.dp_rbd_ops), self._native
 
     def flush(self) -> None:
+        if self._native is None:
+            raise BackendError(f"rbd image {self.image} is closed")
         r = lib.dp_rbd_ops.flush(self._native)
         if r < 0:
             raise BackendError(f"flushing rbd image {self.image}: {os.strerror(-r)}")
@@ -131,6 +165,7 @@ class RbdBackend(Backend):
         if self._native is not None:
             lib.dp_rbd_close(self._native)
             self._native = None
+            self.cluster.open_images -= 1
         if self._owns_cluster:
             self.cluster.close()
 

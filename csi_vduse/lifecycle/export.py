@@ -88,17 +88,34 @@ class ExportOptions(BaseModel):
             raise ValueError("an rbd backing needs --ceph-monitors and --ceph-keyfile")
         if self.size is not None:
             raise ValueError("an rbd image is not created here: create it with `rbd create`")
+        if self.ceph_user is not None and (
+            self.ceph_user.startswith("client.") or not RBD_NAME.fullmatch(self.ceph_user)
+        ):
+            raise ValueError(f"--ceph-user {self.ceph_user!r}: the user without 'client.'")
         return self
 
 
-def read_key(path: Path) -> SecretStr:
-    """A bare key, or the `key = ...` line of a keyring file."""
+def read_key(path: Path, user: str | None = None) -> SecretStr:
+    """A bare key, or from a keyring file the key of `[client.USER]` (of the first
+    section without a user)."""
     text = path.read_text()
+    section: str | None = None
+    keys: dict[str, str] = {}
     for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            continue
         name, sep, value = line.partition("=")
-        if sep and name.strip() == "key":
-            return SecretStr(value.strip())
-    return SecretStr(text.strip())
+        if sep and name.strip() == "key" and section is not None:
+            keys.setdefault(section, value.strip())
+    if not keys:
+        return SecretStr(text.strip())
+    if user is None:
+        return SecretStr(next(iter(keys.values())))
+    if f"client.{user}" not in keys:
+        raise ValueError(f"{path} holds no key for client.{user}")
+    return SecretStr(keys[f"client.{user}"])
 
 
 def open_backend(opts: ExportOptions) -> Backend:
@@ -108,7 +125,7 @@ def open_backend(opts: ExportOptions) -> Backend:
     assert opts.ceph_monitors is not None and opts.ceph_keyfile is not None
     access = rbd_backend.RbdAccess(
         monitors=opts.ceph_monitors, user=opts.ceph_user or "admin",
-        key=read_key(opts.ceph_keyfile), pool=target[0],
+        key=read_key(opts.ceph_keyfile, opts.ceph_user or "admin"), pool=target[0],
     )  # fmt: skip
     cluster = rbd_backend.RbdCluster(access)
     try:

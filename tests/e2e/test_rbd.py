@@ -13,7 +13,6 @@ import pytest
 from pydantic import SecretStr
 
 from csi_vduse.backends import rbd
-from csi_vduse.backends.base import BackendError
 from csi_vduse.dataplane.blk_device import BlkParams
 from csi_vduse.lifecycle.attachment import Attachment
 from tests.ceph.cluster import CephCluster, missing_binaries
@@ -90,8 +89,8 @@ def test_a_second_node_cannot_write_an_image_in_use(pool: rbd.RbdCluster, name: 
     att = Attachment(name, owner, BlkParams(capacity=owner.size))
     att.start()
     try:
-        with rbd.RbdCluster(pool.access) as other, pytest.raises(BackendError, match="lock"):
-            rbd.RbdBackend.open(other, name)
+        with rbd.RbdCluster(pool.access) as other, pytest.raises(rbd.RbdLockHeld):
+            rbd.RbdBackend.open(other, name, lock_wait=2)
     finally:
         att.stop()
         owner.close()

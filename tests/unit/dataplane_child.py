@@ -72,6 +72,35 @@ def sigbus(workdir: Path) -> dict[str, Any]:
     return results
 
 
+def sigbus_user_copies(workdir: Path) -> dict[str, Any]:
+    """A backend that copies guest memory itself (as librbd does) must never be handed a
+    buffer that faults: the data plane touches the pages first, inside its guard."""
+    guest = FakeGuest(num=16, pages=64)
+    seen: list[bytes] = []
+    ops, keep = callback_ops(lambda op, head: seen.append(head))  # reads the guest's bytes
+    ops.user_copies = True
+    dev = Device(guest, ops=ops)
+    dev.keep = keep  # type: ignore[attr-defined]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    fd = os.memfd_create("unpopulated")
+    os.ftruncate(fd, PAGE)
+    addr = libc.mmap(None, 2 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    va = ffi.cast("uint8_t *", addr)
+    assert lib.dp_iotlb_add(dev.tlb, HOLE_IOVA, HOLE_IOVA + 2 * PAGE - 1, va, RW) == 0
+    a = guest.arena
+    hdr, st = a.alloc(OUTHDR.size), a.alloc(1)
+    a.write(hdr, OUTHDR.pack(lib.VIRTIO_BLK_T_OUT, 0, 0))
+    guest.submit([Buf(hdr, OUTHDR.size), Buf(HOLE_IOVA + PAGE, 512), Buf(st, 1, True)])
+    _, _, ok_st = guest.blk_request(lib.VIRTIO_BLK_T_OUT, sector=1, out=b"w" * 512)
+    done = dev.process()
+    return {"done": done, "statuses": [_status(guest, st), _status(guest, ok_st)],
+            "seen": [h.decode(errors="replace") for h in seen],
+            "faults": int(dev.q.stats.faults)}  # fmt: skip
+
+
 def _crash_setup(
     workdir: Path, resume: bool, asynchronous: bool = False
 ) -> tuple[FakeGuest, Device, list[bytes]]:
@@ -163,8 +192,8 @@ def resume(workdir: Path, asynchronous: bool = False) -> dict[str, Any]:
 
 
 CASES = {
-    "sigbus": sigbus, "crash": crash, "resume": resume, "crash_async": crash_async,
-    "resume_async": resume_async,
+    "sigbus": sigbus, "sigbus_user_copies": sigbus_user_copies, "crash": crash,
+    "resume": resume, "crash_async": crash_async, "resume_async": resume_async,
 }  # fmt: skip
 
 if __name__ == "__main__":

@@ -59,15 +59,21 @@ def test_export_options_validate_every_field(tmp_path: Path) -> None:
 
 def test_export_options_for_an_rbd_image(tmp_path: Path) -> None:
     key = tmp_path / "keyring"
-    key.write_text("[client.csi]\n\tkey = AQBsecret==\n")
+    key.write_text("[mon.]\n\tkey = AQBmon==\n[client.csi]\n\tkey = AQBsecret==\n")
     ceph = {"ceph_monitors": "v2:127.0.0.1:3300", "ceph_user": "csi", "ceph_keyfile": key}
     opts = ExportOptions.model_validate({"file": "rbd:pool-1/img.a", "name": "d", **ceph})
     assert opts.rbd_image == ("pool-1", "img.a")
-    assert read_key(key).get_secret_value() == "AQBsecret=="
+    assert read_key(key, "csi").get_secret_value() == "AQBsecret=="
+    with pytest.raises(ValueError):
+        read_key(key, "admin")
+    bare = tmp_path / "bare"
+    bare.write_text("AQBbare==\n")
+    assert read_key(bare, "csi").get_secret_value() == "AQBbare=="
     for bad in (
         {"file": "rbd:pool"}, {"file": "rbd:/img"}, {"file": "rbd:p/i/j"},
         {"file": "rbd:p/i", "size": "1G"}, {"file": "rbd:p/i", "ceph_monitors": None},
         {"file": tmp_path / "f"},  # --ceph-* with a file
+        {"ceph_user": "client.csi"},
     ):  # fmt: skip
         with pytest.raises(ValidationError):
             ExportOptions.model_validate({"file": "rbd:p/i", "name": "d", **ceph, **bad})

@@ -194,6 +194,16 @@ def test_unpopulated_guest_memory_fails_the_request_not_the_process(tmp_path: Pa
     assert r["faults"] >= 2
 
 
+def test_a_backend_that_copies_guest_memory_itself_never_gets_a_faulting_buffer(
+    tmp_path: Path,
+) -> None:
+    result = child("sigbus_user_copies", tmp_path)
+    assert result.returncode == 0, f"the data plane died: {result.returncode} {result.stderr}"
+    r = json.loads(result.stdout)
+    assert r["done"] == 2 and r["statuses"] == [IOERR, OK] and r["faults"] == 1
+    assert r["seen"] == ["w" * 16]  # the backend saw the good write only
+
+
 def test_a_request_that_crashed_the_process_fails_instead_of_running_again(
     tmp_path: Path,
 ) -> None:

@@ -41,6 +41,11 @@ struct dp_backend_ops {
     int (*aio_kick)(void *aio);                        /* starts what was queued */
     unsigned (*aio_reap)(void *aio, struct dp_io **done, unsigned max);  /* never waits */
     void (*aio_close)(void *aio);                      /* nothing in flight any more */
+    /* The backend reads or writes the iovecs' memory itself, in user space (librbd
+     * copies on its own threads), instead of handing them to the kernel: the data plane
+     * then touches every page first, where a fault fails the one request, since a fault
+     * in the backend would kill the process. */
+    bool user_copies;
 };
 
 /* file.c: a sparse (or thick) file on the node; ctx is a struct dp_file */

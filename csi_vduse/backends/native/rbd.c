@@ -96,8 +96,10 @@ int dp_rbd_open(struct dp_rbd_cluster *c, struct dp_rbd *r, const char *name, bo
         return ret;
     }
     if (!readonly && (ret = rbd_lock_acquire(image, RBD_LOCK_MODE_EXCLUSIVE)) < 0) {
-        set_error(err, errlen, "taking the image's exclusive lock (another node writes it?)",
-                  ret);
+        if (ret == -EINVAL)
+            set_error(err, errlen, "the image lacks the exclusive-lock feature", ret);
+        else
+            set_error(err, errlen, "its exclusive lock is held by another client", ret);
         rbd_close(image);
         return ret;
     }
@@ -188,7 +190,8 @@ static int img_flush(void *ctx)
  * a hint, as virtio-blk allows. */
 static int img_discard(void *ctx, uint64_t off, uint64_t len)
 {
-    return rbd_discard(image_of(ctx), off, len);
+    int r = rbd_discard(image_of(ctx), off, len);  /* the length, on success */
+    return r < 0 ? r : 0;
 }
 
 static int img_write_zeroes(void *ctx, uint64_t off, uint64_t len, bool may_unmap)
@@ -226,13 +229,15 @@ static void on_complete(rbd_completion_t c, void *arg)
     else
         io->result = 0;
     io->moved = io->result == 0 ? io->len : 0;
+    /* Under the lock to the end: once the worker reaped the last request it may close the
+     * context (img_aio_close takes the lock first) and the eventfd. */
     pthread_mutex_lock(&a->mu);
     a->done[a->ndone++] = io;  /* at most `depth` in flight: never past cap */
-    pthread_mutex_unlock(&a->mu);
     uint64_t one = 1;
     if (write(a->notify_fd, &one, sizeof(one)) < 0) {
         /* an eventfd write fails only on overflow; the worker is awake then anyway */
     }
+    pthread_mutex_unlock(&a->mu);
 }
 
 static void *img_aio_open(void *ctx, unsigned depth, int notify_fd, int *err)
@@ -300,6 +305,8 @@ static unsigned img_aio_reap(void *aio, struct dp_io **done, unsigned max)
 static void img_aio_close(void *aio)
 {
     struct img_aio *a = aio;
+    pthread_mutex_lock(&a->mu);  /* a callback still inside its critical section ends */
+    pthread_mutex_unlock(&a->mu);
     pthread_mutex_destroy(&a->mu);
     free(a->done);
     free(a);
@@ -316,6 +323,7 @@ const struct dp_backend_ops dp_rbd_ops = {
     .aio_kick = img_aio_kick,
     .aio_reap = img_aio_reap,
     .aio_close = img_aio_close,
+    .user_copies = true,
 };
 
 bool dp_rbd_built(void)

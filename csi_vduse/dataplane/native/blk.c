@@ -87,6 +87,23 @@ static bool out_of_space(int err)
     return err == ENOSPC || err == EDQUOT;
 }
 
+/* Populates every page of the buffers (read, or rewritten with its own value where the
+ * device writes), so that a page that cannot be populated faults here, inside the
+ * caller's guard, and never in a backend's own thread. */
+static void touch_pages(const struct iovec *iov, int cnt, bool device_writes)
+{
+    for (int i = 0; i < cnt; i++) {
+        uintptr_t a = (uintptr_t)iov[i].iov_base, end = a + iov[i].iov_len;
+        while (a < end) {
+            volatile uint8_t *b = (volatile uint8_t *)a;
+            uint8_t v = *b;
+            if (device_writes)
+                *b = v;
+            a = (a | 4095u) + 1;
+        }
+    }
+}
+
 static uint8_t rw(struct dp_blk *blk, const struct dp_chain *c, bool is_read, uint64_t sector,
                   uint64_t len, struct iovec *iov, int *err)
 {
@@ -97,6 +114,8 @@ static uint8_t rw(struct dp_blk *blk, const struct dp_chain *c, bool is_read, ui
     /* Reads fill the writable segments (less the status byte); writes take the
      * readable ones after the header. */
     int cnt = build_iov(c, is_read, is_read ? 0 : HDR_LEN, len, iov);
+    if (blk->ops->user_copies)
+        touch_pages(iov, cnt, is_read);
     uint64_t off = sector * SECTOR;
     while (cnt > 0) {
         int chunk = cnt < IOV_MAX ? cnt : IOV_MAX;
@@ -263,6 +282,8 @@ uint32_t dp_blk_start(struct dp_blk *blk, struct dp_chain *c, struct iovec *iov,
     int cnt = build_iov(c, is_read, is_read ? 0 : HDR_LEN, len, iov);
     if (cnt > IOV_MAX)
         return dp_blk_handle(blk, c, iov, st, write_enospc);
+    if (blk->ops->user_copies)
+        touch_pages(iov, cnt, is_read);
     *io = (struct dp_io){.op = is_read ? DP_IO_READ : DP_IO_WRITE, .iovcnt = cnt, .iov = iov,
                          .offset = sector * SECTOR, .len = len};
     return DP_BLK_SUBMIT;
