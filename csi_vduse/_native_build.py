@@ -162,6 +162,7 @@ struct dp_queue {
     bool inflight_disagreed;
     struct dp_engine *engine;
     uint32_t resumed;
+    bool resumed_from_log;
     struct dp_stats stats;
     ...;
 };

@@ -399,9 +399,10 @@ class BlockServer:
                     continue
                 if lib.dp_queue_resume(q.native) != 0:
                     raise OSError(f"{self.device.name}: queue {index} rings cannot be mapped")
-                if q.native.resumed:
-                    log.info("%s: queue %d: %d request(s) in flight before run again (in-flight "
-                             "log)", self.device.name, index, q.native.resumed)  # fmt: skip
+                if q.native.resumed_from_log:
+                    log.info("%s: queue %d: resumed from its in-flight log, %d request(s) in "
+                             "flight before run again", self.device.name, index,
+                             q.native.resumed)  # fmt: skip
                 if q.native.inflight_disagreed:
                     log.error("%s: queue %d: its in-flight log says requests completed out "
                               "of ring order, which only the asynchronous worker can resume; "

@@ -212,8 +212,9 @@ def test_restart_and_stop_under_load_on_two_queues(plugin: Plugin, workdir: Path
     assert "serving 2 queue(s), asynchronous" in plugin.log.read_text()
     plugin.stop(signal.SIGKILL)
     plugin.start()  # re-attaches both queues while the guest keeps both busy
-    # the requests in flight at the kill ran again, from the in-flight log
-    assert "in flight before run again (in-flight log)" in plugin.log.read_text()
+    # the queues resumed from their in-flight logs (whatever was in flight at the kill ran
+    # again: how much was depends on timing; the unit tests pin it down)
+    assert plugin.log.read_text().count("resumed from its in-flight log") == 2
     # Python's own start-up is slow under software emulation; what is ours is from the
     # process's first log line to its socket serving, the volume re-attached in between.
     assert seconds_between(plugin, "starting:", "serving CSI") < 10

@@ -253,6 +253,7 @@ struct dp_queue {
     struct dp_inflight *inflight; /* NULL: none (unit tests); set before the worker runs */
     struct dp_engine *engine;     /* NULL: the synchronous worker */
     uint32_t resumed;             /* requests the in-flight log ran again at re-attach */
+    bool resumed_from_log;        /* re-attach went by the in-flight log (asynchronous) */
     bool inflight_disagreed;      /* at resume, the log and the rings told different stories */
     struct dp_stats stats;
     struct dp_helper helper;

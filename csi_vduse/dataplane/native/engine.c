@@ -138,6 +138,14 @@ static void complete(struct dp_queue *q, struct dp_aslot *a, uint32_t used)
     e->free[e->nfree++] = (uint32_t)(a - e->slots);
 }
 
+/* Sends what was submitted to the backend; a refusal (a full completion queue, no
+ * memory) is tried again on the next turn, after a short wait if nothing completes. */
+static void kick(struct dp_queue *q)
+{
+    struct dp_engine *e = q->engine;
+    e->kick_pending = q->blk->ops->aio_kick(e->aio) != 0;
+}
+
 /* Completes what the backend finished; returns how many. */
 static int reap(struct dp_queue *q)
 {
@@ -153,6 +161,8 @@ static int reap(struct dp_queue *q)
     }
     if (n && q->dev)
         dp_queue_charge(q, &before);
+    if (e->in_flight)
+        kick(q);  /* what the backend queued again (a short transfer) goes out */
     return (int)n;
 }
 
@@ -172,14 +182,6 @@ static int pop_next(struct dp_queue *q, struct dp_chain *c)
         return r;
     }
     return dp_guard_pop(&q->vq, c);
-}
-
-/* Sends what was submitted to the backend; a refusal (a full completion queue, no
- * memory) is tried again on the next turn, after a short wait if nothing completes. */
-static void kick(struct dp_queue *q)
-{
-    struct dp_engine *e = q->engine;
-    e->kick_pending = q->blk->ops->aio_kick(e->aio) != 0;
 }
 
 /* Pops and starts requests while there is room. With requests in flight it stops for

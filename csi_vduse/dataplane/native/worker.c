@@ -500,6 +500,8 @@ int dp_queue_resume(struct dp_queue *q)
             /* out of order: only the log knows what was in flight */
             if (dp_engine_resume(q, used, avail) < 0)
                 vq->broken = DP_BROKEN_LOG;
+            else
+                q->resumed_from_log = true;
         } else if (q->inflight) {
             q->inflight_disagreed = dp_inflight_valid(q->inflight, vq->num) &&
                                     !log_matches_ring(q, used, avail);
