@@ -26,12 +26,9 @@ def _status(guest: FakeGuest, iova: int) -> int:
     return guest.arena.read(iova, 1)[0]
 
 
-def sigbus(workdir: Path) -> dict[str, Any]:
-    """Guest buffers in a page the kernel would never populate (here: past the end of the
-    file behind the mapping, which raises SIGBUS on access, as an unpopulated VDUSE bounce
-    page does)."""
-    guest = FakeGuest(num=16, pages=64)
-    dev = Device(guest)
+def map_hole(dev: Device) -> None:
+    """Maps two pages at HOLE_IOVA whose second lies past the end of its file: any access
+    to it raises SIGBUS, as an unpopulated VDUSE bounce page does."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -42,6 +39,15 @@ def sigbus(workdir: Path) -> dict[str, Any]:
     assert addr not in (None, ctypes.c_void_p(-1).value)
     va = ffi.cast("uint8_t *", addr)
     assert lib.dp_iotlb_add(dev.tlb, HOLE_IOVA, HOLE_IOVA + 2 * PAGE - 1, va, RW) == 0
+
+
+def sigbus(workdir: Path) -> dict[str, Any]:
+    """Guest buffers in a page the kernel would never populate (here: past the end of the
+    file behind the mapping, which raises SIGBUS on access, as an unpopulated VDUSE bounce
+    page does)."""
+    guest = FakeGuest(num=16, pages=64)
+    dev = Device(guest)
+    map_hole(dev)
     hole = HOLE_IOVA + PAGE
     a = guest.arena
     results: dict[str, Any] = {}
@@ -81,15 +87,7 @@ def sigbus_user_copies(workdir: Path) -> dict[str, Any]:
     ops.user_copies = True
     dev = Device(guest, ops=ops)
     dev.keep = keep  # type: ignore[attr-defined]
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]  # fmt: skip
-    fd = os.memfd_create("unpopulated")
-    os.ftruncate(fd, PAGE)
-    addr = libc.mmap(None, 2 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-    va = ffi.cast("uint8_t *", addr)
-    assert lib.dp_iotlb_add(dev.tlb, HOLE_IOVA, HOLE_IOVA + 2 * PAGE - 1, va, RW) == 0
+    map_hole(dev)
     a = guest.arena
     hdr, st = a.alloc(OUTHDR.size), a.alloc(1)
     a.write(hdr, OUTHDR.pack(lib.VIRTIO_BLK_T_OUT, 0, 0))
