@@ -75,13 +75,15 @@ LEVER_WORKLOADS = ["randread-4k-qd1", "randwrite-4k-qd32", "read-1m-qd8", "randr
 
 @contextmanager
 def serve_csi_vduse(
-    image: Path, queues: int, queue_size: int, env: dict[str, str] | None = None
-) -> Iterator[Served]:
+    image: Path, queues: int, queue_size: int, env: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
+) -> Iterator[Served]:  # fmt: skip
     env = dict(env or {})
     queues = int(env.pop("QUEUES", queues))
     proc = subprocess.Popen(
         [sys.executable, "-m", "csi_vduse", "--log-level=warning", "export", str(image),
-         "--name", "bench-csi-vduse", "--queues", str(queues), "--queue-size", str(queue_size)],
+         "--name", "bench-csi-vduse", "--queues", str(queues), "--queue-size", str(queue_size),
+         *flags],
         stdout=subprocess.PIPE, text=True, env={**os.environ, **env},
     )  # fmt: skip
     assert proc.stdout is not None
@@ -260,6 +262,7 @@ COLD_SERVERS = {
     "file-o_direct": serve_file_direct,
     "csi-vduse": serve_csi_vduse,
     "csi-vduse-sync": partial(serve_csi_vduse, env={"CSI_VDUSE_DP_ENGINE": "sync"}),
+    "csi-vduse-direct": partial(serve_csi_vduse, flags=("--cache", "direct")),
     "qsd-threads": partial(serve_qsd, direct=True, aio="threads"),
     "qsd-io_uring": partial(serve_qsd, direct=True, aio="io_uring"),
 }

@@ -103,7 +103,9 @@ def render_levers(table: dict[str, dict[str, dict[str, float]]]) -> str:
     return render_per_server(table, "IOPS x default", lambda _, iops, ours: iops / ours)
 
 
-COLD_REFERENCES = ("file-o_direct", "csi-vduse-sync", "qsd-threads", "qsd-io_uring")
+COLD_REFERENCES = (
+    "file-o_direct", "csi-vduse-sync", "csi-vduse-direct", "qsd-threads", "qsd-io_uring",
+)  # fmt: skip
 
 
 def render_cold(table: dict[str, dict[str, dict[str, float]]]) -> str:

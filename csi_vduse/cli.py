@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--queue-size", type=int, default=256, help="descriptors per queue")
     export.add_argument("--readonly", action="store_true")
     export.add_argument(
+        "--cache", default="page", choices=("page", "direct"),
+        help="file backing: through the page cache (default), or direct (O_DIRECT)",
+    )  # fmt: skip
+    export.add_argument(
         "--attach", default="virtio-vdpa", choices=sorted(sysfs.ATTACH_DRIVERS),
         help="virtio-vdpa: a host block device /dev/vdX (default); vhost-vdpa: a character "
         "device /dev/vhost-vdpa-N for a VMM (QEMU: -device vhost-vdpa-device-pci,vhostdev=PATH)",
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             from csi_vduse.lifecycle.export import ExportOptions, run_export
 
             fields = ("file", "name", "size", "queues", "queue_size", "readonly", "attach",
-                      "ceph_monitors", "ceph_user", "ceph_keyfile")  # fmt: skip
+                      "cache", "ceph_monitors", "ceph_user", "ceph_keyfile")  # fmt: skip
             opts = ExportOptions.model_validate({f: getattr(args, f) for f in fields})
             return run_export(opts)
         if args.command == "doctor":

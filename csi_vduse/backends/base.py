@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Self
 
 SECTOR = 512
 
@@ -35,7 +35,7 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> Backend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

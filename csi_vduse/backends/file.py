@@ -1,11 +1,13 @@
 """A file on the node: created at the requested size (sparse, or allocated when thick),
-never truncated."""
+never truncated. Served through the node's page cache, or (cache=direct) with O_DIRECT
+for every transfer the file system can take that way."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import functools
+import logging
 import os
 import stat
 from pathlib import Path
@@ -14,27 +16,46 @@ from typing import Any
 from csi_vduse._native import ffi, lib
 from csi_vduse.backends.base import SECTOR, Backend, BackendError
 
+log = logging.getLogger(__name__)
+# O_DIRECT alignment when the file system does not report one (statx): a page suits any
+# block device
+DIRECT_ALIGN_FALLBACK = 4096
+
 
 class FileBackend(Backend):
     def __init__(
-        self, path: Path, fd: int, size: int, readonly: bool, created: bool, thick: bool = False
-    ) -> None:
+        self, path: Path, fd: int, size: int, readonly: bool, created: bool, thick: bool = False,
+        direct_fd: int = -1,
+    ) -> None:  # fmt: skip
         self.path = path
         self.fd = fd
         self.size = size
         self.readonly = readonly
         self.created = created
         self.thick = thick
-        self._native = ffi.new("struct dp_file *", {"fd": fd, "keep_allocated": thick})
+        self.direct_fd = direct_fd
+        align = 0
+        if direct_fd >= 0:
+            align = lib.dp_file_direct_align(direct_fd) or DIRECT_ALIGN_FALLBACK
+        self._native = ffi.new(
+            "struct dp_file *",
+            {"fd": fd, "keep_allocated": thick, "direct_fd": direct_fd, "direct_align": align},
+        )
+
+    @property
+    def direct(self) -> bool:
+        return self.direct_fd >= 0
 
     @classmethod
     def open(
         cls, path: Path | str, size: int | None = None, readonly: bool = False,
-        thick: bool = False,
+        thick: bool = False, direct: bool = False,
     ) -> FileBackend:  # fmt: skip
         """Opens FILE, creating it sparse at `size` when missing. An existing file keeps its
         data: it may grow to `size` but is never shrunk. The file is locked against a second
-        server for as long as it is open. A thick file keeps every block allocated."""
+        server for as long as it is open. A thick file keeps every block allocated.
+        `direct` bypasses the page cache where the file system allows O_DIRECT (logged
+        when it does not)."""
         path = Path(path)
         if size is not None and (size <= 0 or size % SECTOR):
             raise BackendError(f"size {size} is not a positive multiple of {SECTOR} bytes")
@@ -72,12 +93,27 @@ class FileBackend(Backend):
                 raise BackendError(f"{path} size {size} is not a positive multiple of {SECTOR}")
             if thick and not readonly:
                 os.posix_fallocate(fd, 0, size)
+            direct_fd = cls._open_direct(path, readonly) if direct else -1
         except BaseException:
             os.close(fd)
             if created:
                 path.unlink(missing_ok=True)
             raise
-        return cls(path, fd, size, readonly, created, thick)
+        return cls(path, fd, size, readonly, created, thick, direct_fd)
+
+    @staticmethod
+    def _open_direct(path: Path, readonly: bool) -> int:
+        """The same file with O_DIRECT, or -1 where the file system refuses it (tmpfs
+        before Linux 6.6): the volume is then served through the page cache."""
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_DIRECT
+        try:
+            return os.open(path, flags)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.warning("%s: the file system refuses O_DIRECT; serving through the page cache",
+                        path)  # fmt: skip
+            return -1
 
     @staticmethod
     def _lock(fd: int, path: Path) -> None:
@@ -114,6 +150,9 @@ class FileBackend(Backend):
         self.size = size
 
     def close(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

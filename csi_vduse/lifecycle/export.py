@@ -61,6 +61,7 @@ class ExportOptions(BaseModel):
     ] = 256
     readonly: bool = False
     attach: Literal["virtio-vdpa", "vhost-vdpa"] = "virtio-vdpa"
+    cache: Literal["page", "direct"] = "page"
     ceph_monitors: str | None = None
     ceph_user: str | None = None
     ceph_keyfile: Path | None = None
@@ -82,6 +83,8 @@ class ExportOptions(BaseModel):
             if any(v is not None for v in ceph):
                 raise ValueError("--ceph-* options are for an rbd:POOL/IMAGE backing only")
             return self
+        if self.cache != "page":
+            raise ValueError("--cache is for a file backing (librbd keeps its own cache)")
         if not all(RBD_NAME.fullmatch(part) for part in target):
             raise ValueError(f"{self.file} is not rbd:POOL/IMAGE")
         if self.ceph_monitors is None or self.ceph_keyfile is None:
@@ -121,7 +124,7 @@ def read_key(path: Path, user: str | None = None) -> SecretStr:
 def open_backend(opts: ExportOptions) -> Backend:
     target = opts.rbd_image
     if target is None:
-        return FileBackend.open(opts.file, opts.size, opts.readonly)
+        return FileBackend.open(opts.file, opts.size, opts.readonly, direct=opts.cache == "direct")
     assert opts.ceph_monitors is not None and opts.ceph_keyfile is not None
     access = rbd_backend.RbdAccess(
         monitors=opts.ceph_monitors, user=opts.ceph_user or "admin",

@@ -188,7 +188,7 @@ class NodeVolumes:
         previous process left. Both ways must describe the device the same."""
         backend = FileBackend.open(
             self.store.image(record.volume_id), None, readonly,
-            thick=record.params.provisioning == "thick",
+            thick=record.params.provisioning == "thick", direct=record.params.cache == "direct",
         )  # fmt: skip
         params = BlkParams(
             capacity=backend.size, queues=record.params.queues,

@@ -60,8 +60,8 @@ QOS_PARAMS = {
 
 
 def parse_parameters(params: dict[str, str]) -> VolumeParams:
-    """StorageClass parameters: `queues`, `queueSize`, `provisioning` and `attach`; the CO's
-    own keys are ignored."""
+    """StorageClass parameters: `queues`, `queueSize`, `provisioning`, `attach` and `cache`;
+    the CO's own keys are ignored."""
     values: dict[str, object] = {}
     for key, raw in params.items():
         if key.startswith(K8S_PARAM_PREFIX) or key in QOS_PARAMS:
@@ -76,11 +76,16 @@ def parse_parameters(params: dict[str, str]) -> VolumeParams:
                 raise InvalidArgument(f"parameter attach={raw!r} must be virtio-vdpa or vhost-vdpa")
             values["attach"] = raw
             continue
+        if key == "cache":
+            if raw not in ("page", "direct"):
+                raise InvalidArgument(f"parameter cache={raw!r} must be page or direct")
+            values["cache"] = raw
+            continue
         field = {"queues": "queues", "queueSize": "queue_size"}.get(key)
         if field is None:
             raise InvalidArgument(
                 f"unknown parameter {key!r} (known: queues, queueSize, provisioning, attach, "
-                f"{', '.join(QOS_PARAMS)})"
+                f"cache, {', '.join(QOS_PARAMS)})"
             )
         try:
             values[field] = int(raw)

@@ -53,6 +53,8 @@ class VolumeParams(BaseModel):
     provisioning: Literal["thin", "thick"] = "thin"
     # virtio-vdpa: a host block device; vhost-vdpa: a character device for a VMM.
     attach: Literal["virtio-vdpa", "vhost-vdpa"] = "virtio-vdpa"
+    # page: through the node's page cache; direct: O_DIRECT where the file system allows
+    cache: Literal["page", "direct"] = "page"
 
 
 class VolumeRecord(Record):

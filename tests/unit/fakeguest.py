@@ -141,19 +141,20 @@ class FakeGuest:
 
     # virtio-blk request helpers
     def blk_request(
-        self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, indirect: bool = False
-    ) -> tuple[int, int, int]:
+        self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0,
+        indirect: bool = False, data_align: int = 16,
+    ) -> tuple[int, int, int]:  # fmt: skip
         """Returns (head, data-in iova, status iova)."""
         hdr = self.arena.alloc(OUTHDR.size)
         self.arena.write(hdr, OUTHDR.pack(rtype, 0, sector))
         bufs = [Buf(hdr, OUTHDR.size)]
         if out:
-            data = self.arena.alloc(len(out))
+            data = self.arena.alloc(len(out), data_align)
             self.arena.write(data, out)
             bufs.append(Buf(data, len(out)))
         din = 0
         if in_len:
-            din = self.arena.alloc(in_len)
+            din = self.arena.alloc(in_len, data_align)
             bufs.append(Buf(din, in_len, write=True))
         status = self.arena.alloc(1)
         self.arena.write(status, b"\xee")

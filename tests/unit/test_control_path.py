@@ -83,7 +83,7 @@ def test_file_backend_creates_sparse_and_never_truncates(tmp_path: Path) -> None
     path = tmp_path / "disk.img"
     with FileBackend.open(path, 1 << 30) as b:
         assert b.size == 1 << 30
-        os.pwrite(b.fd, b"data", 4096)  # type: ignore[attr-defined]
+        os.pwrite(b.fd, b"data", 4096)
     assert path.stat().st_size == 1 << 30
     assert path.stat().st_blocks * 512 <= 64 << 10
     with FileBackend.open(path) as b:

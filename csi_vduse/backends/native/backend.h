@@ -52,10 +52,18 @@ struct dp_backend_ops {
 struct dp_file {
     int fd;
     bool keep_allocated;         /* thick: discards never give space back */
+    /* cache=direct: reads and writes whose offset, lengths and buffers are multiples of
+     * direct_align go to direct_fd (the same file opened O_DIRECT); 0: page cache only */
+    unsigned direct_align;
+    int direct_fd;
 };
 extern const struct dp_backend_ops dp_file_ops;       /* synchronous system calls */
 extern const struct dp_backend_ops dp_file_uring_ops; /* reads, writes, flushes on io_uring */
 int dp_file_uring_probe(void);   /* 0 when this process may use io_uring, else -errno */
+/* The descriptor a read or write of these iovecs at `off` goes to. */
+int dp_file_fd_for(const struct dp_file *f, const struct iovec *iov, int cnt, uint64_t off);
+/* The O_DIRECT alignment the file system reports for fd (statx), or 0 when it says none. */
+unsigned dp_file_direct_align(int fd);
 
 /* rbd.c: an image in a Ceph pool through librbd; ctx is a struct dp_rbd. Functions return
  * 0 or a negative errno (-ENOSYS when built without librbd); `err` gets a message. */

@@ -2,6 +2,7 @@
  * so that a write can never fail for lack of space: discards keep their blocks. */
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -23,14 +24,39 @@ static bool thick(void *ctx)
     return ((const struct dp_file *)ctx)->keep_allocated;
 }
 
+/* A transfer the file system would refuse under O_DIRECT (a 512-byte write on a 4k
+ * disk, a buffer not aligned) goes through the page cache instead: the kernel keeps the
+ * two views of the file coherent, so the guest sees one file either way. */
+int dp_file_fd_for(const struct dp_file *f, const struct iovec *iov, int cnt, uint64_t off)
+{
+    uint64_t a = f->direct_align;
+    if (!a || off % a)
+        return f->fd;
+    for (int i = 0; i < cnt; i++)
+        if ((uintptr_t)iov[i].iov_base % a || iov[i].iov_len % a)
+            return f->fd;
+    return f->direct_fd;
+}
+
+unsigned dp_file_direct_align(int fd)
+{
+    struct statx st;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &st) != 0 ||
+        !(st.stx_mask & STATX_DIOALIGN))
+        return 0;
+    unsigned a = st.stx_dio_mem_align > st.stx_dio_offset_align ? st.stx_dio_mem_align
+                                                                  : st.stx_dio_offset_align;
+    return a;
+}
+
 static ssize_t file_preadv(void *ctx, const struct iovec *iov, int cnt, uint64_t off)
 {
-    return preadv(fd_of(ctx), iov, cnt, (off_t)off);
+    return preadv(dp_file_fd_for(ctx, iov, cnt, off), iov, cnt, (off_t)off);
 }
 
 static ssize_t file_pwritev(void *ctx, const struct iovec *iov, int cnt, uint64_t off)
 {
-    return pwritev(fd_of(ctx), iov, cnt, (off_t)off);
+    return pwritev(dp_file_fd_for(ctx, iov, cnt, off), iov, cnt, (off_t)off);
 }
 
 static int file_flush(void *ctx)
@@ -93,7 +119,7 @@ const struct dp_backend_ops dp_file_ops = {
 #ifdef HAVE_URING
 struct file_uring {
     struct io_uring ring;
-    int fd;
+    const struct dp_file *file;
 };
 
 int dp_file_uring_probe(void)
@@ -112,7 +138,7 @@ static void *uring_open(void *ctx, unsigned depth, int notify_fd, int *err)
         *err = -ENOMEM;
         return NULL;
     }
-    u->fd = fd_of(ctx);
+    u->file = ctx;
     int r = io_uring_queue_init(depth, &u->ring, 0);
     if (r == 0 && (r = io_uring_register_eventfd(&u->ring, notify_fd)) != 0)
         io_uring_queue_exit(&u->ring);
@@ -134,13 +160,14 @@ static int prep(struct file_uring *u, struct dp_io *io)
         if (!(sqe = io_uring_get_sqe(&u->ring)))
             return -EBUSY;
     }
-    off_t off = (off_t)(io->offset + io->moved);
+    uint64_t off = io->offset + io->moved;
+    int fd = dp_file_fd_for(u->file, io->iov, io->iovcnt, off);
     if (io->op == DP_IO_READ)
-        io_uring_prep_readv(sqe, u->fd, io->iov, (unsigned)io->iovcnt, off);
+        io_uring_prep_readv(sqe, fd, io->iov, (unsigned)io->iovcnt, (off_t)off);
     else if (io->op == DP_IO_WRITE)
-        io_uring_prep_writev(sqe, u->fd, io->iov, (unsigned)io->iovcnt, off);
+        io_uring_prep_writev(sqe, fd, io->iov, (unsigned)io->iovcnt, (off_t)off);
     else
-        io_uring_prep_fsync(sqe, u->fd, IORING_FSYNC_DATASYNC);
+        io_uring_prep_fsync(sqe, u->file->fd, IORING_FSYNC_DATASYNC);
     io_uring_sqe_set_data(sqe, io);
     return 0;
 }
