@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr
@@ -75,12 +76,36 @@ class RbdCluster:
     def remove(self, image: str) -> bool:
         """Removes the image; False if there was none."""
         r = lib.dp_rbd_remove(self._native, image.encode())
-        if r == -2:  # ENOENT
+        if r == -errno.ENOENT:
             return False
+        if r == -errno.EBUSY:
+            raise ImageBusy(f"rbd image {self.access.pool}/{image} is open (it has watchers)")
         if r < 0:
             raise BackendError(f"removing rbd image {self.access.pool}/{image}: "
                                f"{os.strerror(-r)}")  # fmt: skip
         return True
+
+    def grow(self, image: str, size: int) -> int:
+        """Grows the image to `size` (never shrinks it) and returns its size, even while a
+        node holds its lock (librbd asks the owner to resize it)."""
+        _check_size(size)
+        now = ffi.new("uint64_t *", size)
+        r = lib.dp_rbd_grow(self._native, image.encode(), now)
+        if r < 0:
+            raise BackendError(f"resizing rbd image {self.access.pool}/{image}: "
+                               f"{os.strerror(-r)}")  # fmt: skip
+        return int(now[0])
+
+    def get_meta(self, image: str, key: str) -> str | None:
+        """The image's metadata `key`; None when unset; NoSuchImage when there is no image."""
+        return _get_meta(lambda *a: lib.dp_rbd_meta(self._native, image.encode(), *a), key,
+                         f"{self.access.pool}/{image}")  # fmt: skip
+
+    def set_meta(self, image: str, key: str, value: str) -> None:
+        r = lib.dp_rbd_meta(self._native, image.encode(), key.encode(), value.encode(),
+                            ffi.NULL, ffi.NULL)  # fmt: skip
+        if r < 0:
+            raise _meta_error(r, f"{self.access.pool}/{image}")
 
     def native(self) -> Any:
         return self._native
@@ -161,6 +186,17 @@ class RbdBackend(Backend):
             raise BackendError(f"resizing rbd image {self.image}: {os.strerror(-r)}")
         self.size = size
 
+    def get_meta(self, key: str) -> str | None:
+        return _get_meta(lambda *a: lib.dp_rbd_image_meta(self._native, *a), key, self.image)
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Sets metadata through this open image (a writer holds the lock: nobody else
+        could set it now)."""
+        r = lib.dp_rbd_image_meta(self._native, key.encode(), value.encode(), ffi.NULL,
+                                  ffi.NULL)  # fmt: skip
+        if r < 0:
+            raise _meta_error(r, self.image)
+
     def close(self) -> None:
         if self._native is not None:
             lib.dp_rbd_close(self._native)
@@ -173,3 +209,34 @@ class RbdBackend(Backend):
 def _check_size(size: int) -> None:
     if size <= 0 or size % SECTOR:
         raise BackendError(f"size {size} is not a positive multiple of {SECTOR} bytes")
+
+
+class NoSuchImage(BackendError):
+    pass
+
+
+class ImageBusy(BackendError):
+    """A client has the image open."""
+
+
+def _meta_error(r: int, where: str) -> BackendError:
+    if r == -errno.ENOENT:
+        return NoSuchImage(f"rbd image {where} does not exist")
+    return BackendError(f"rbd image {where} metadata: {os.strerror(-r)}")
+
+
+def _get_meta(call: Callable[[Any, Any, Any, Any], int], key: str, where: str) -> str | None:
+    """call(key, value, out, outlen) as dp_rbd_meta takes them, with a buffer that grows
+    until the value fits."""
+    size = 4096
+    while True:
+        out, outlen = ffi.new("char[]", size), ffi.new("size_t *", size)
+        r = call(key.encode(), ffi.NULL, out, outlen)
+        if r == -errno.ERANGE and outlen[0] > size:
+            size = int(outlen[0])
+            continue
+        if r == -errno.ENODATA:
+            return None
+        if r < 0:
+            raise _meta_error(r, where)
+        return str(ffi.string(out, outlen[0]).decode())

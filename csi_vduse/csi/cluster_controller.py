@@ -169,6 +169,8 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         check_name(request.name)
         accesses = capabilities.parse_all(request.volume_capabilities)
         params = parse_parameters(dict(request.parameters))
+        if params.backend == "rbd":
+            raise InvalidArgument("backend=rbd is served with --controller-scope=node for now")
         parse_qos(
             dict(request.mutable_parameters), parse_qos(dict(request.parameters), only_qos=False)
         )

@@ -58,7 +58,7 @@ class ControllerService(rpc_pb.ControllerServicer):
             volume_context={"queues": str(record.params.queues),
                             "queueSize": str(record.params.queue_size),
                             "provisioning": record.params.provisioning},
-            accessible_topology=[self._topology()],
+            accessible_topology=[] if record.params.backend == "rbd" else [self._topology()],
         )  # fmt: skip
         if record.source is not None:
             kind, source_id = record.source
@@ -105,7 +105,7 @@ class ControllerService(rpc_pb.ControllerServicer):
             if reason := fit_reason(params, access.block):
                 raise InvalidArgument(reason)
         source = content_source(request) if request.HasField("volume_content_source") else None
-        if request.HasField("accessibility_requirements"):
+        if request.HasField("accessibility_requirements") and params.backend == "file":
             req = request.accessibility_requirements
             if req.requisite and not self._on_this_node(req.requisite):
                 raise ResourceExhausted(
@@ -115,13 +115,13 @@ class ControllerService(rpc_pb.ControllerServicer):
         record = self.provisioner.create(
             request.name, request.capacity_range.required_bytes,
             request.capacity_range.limit_bytes, dict(request.parameters),
-            dict(request.mutable_parameters), source,
+            dict(request.mutable_parameters), source, dict(request.secrets),
         )  # fmt: skip
         return pb.CreateVolumeResponse(volume=self._volume(record))
 
     @rpc
     def DeleteVolume(self, request: Any, context: Any) -> pb.DeleteVolumeResponse:
-        self.provisioner.delete(request.volume_id)
+        self.provisioner.delete(request.volume_id, dict(request.secrets))
         return pb.DeleteVolumeResponse()
 
     @rpc
@@ -188,7 +188,7 @@ class ControllerService(rpc_pb.ControllerServicer):
             capabilities.parse(request.volume_capability)
         record = self.provisioner.expand(
             request.volume_id, request.capacity_range.required_bytes,
-            request.capacity_range.limit_bytes,
+            request.capacity_range.limit_bytes, dict(request.secrets),
         )  # fmt: skip
         return pb.ControllerExpandVolumeResponse(
             capacity_bytes=record.capacity, node_expansion_required=True

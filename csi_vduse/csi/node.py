@@ -37,7 +37,9 @@ class NodeService(rpc_pb.NodeServicer):
         access = capabilities.require_one(
             request.volume_capability, request.HasField("volume_capability")
         )
-        self.volumes.stage(request.volume_id, request.staging_target_path, access)
+        self.volumes.stage(
+            request.volume_id, request.staging_target_path, access, dict(request.secrets)
+        )
         return pb.NodeStageVolumeResponse()
 
     @rpc

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_vduse.backends import FileBackend
+from csi_vduse.backends.base import Backend
+from csi_vduse.backends.rbd import RbdBackend, RbdCluster
 from csi_vduse.dataplane.blk_device import SECTOR, BlkParams
 from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.errors import (
@@ -26,15 +28,22 @@ from csi_vduse.errors import (
 )
 from csi_vduse.kernel import sysfs
 from csi_vduse.kernel.vduse import DEVICE_DIR
-from csi_vduse.lifecycle import mounts, vhost_nodes
+from csi_vduse.lifecycle import mounts, rbd_volumes, vhost_nodes
 from csi_vduse.lifecycle.access import VolumeAccess
 from csi_vduse.lifecycle.attachment import Attachment
 from csi_vduse.lifecycle.capacity import pick_capacity
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.provisioning import fit_reason, volume_id_or_raise
+from csi_vduse.state.ceph_access import CephAccessStore
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.staging import StageRecord, StagingStore
-from csi_vduse.state.volumes import VolumeRecord, VolumeStore, check_volume_id
+from csi_vduse.state.volumes import (
+    VolumeRecord,
+    VolumeStore,
+    check_volume_id,
+    rbd_image_of,
+    serial_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +51,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Attached:
     attachment: Attachment
-    backend: FileBackend
+    backend: Backend
 
     @property
     def device(self) -> Path:
@@ -97,6 +106,7 @@ class NodeVolumes:
     ) -> None:
         self.store = VolumeStore(data_dir)
         self.staging = StagingStore(state_dir)
+        self.ceph = CephAccessStore(state_dir)
         self.log_dir = state_dir / "dataplane"
         self.locks = locks
         self.max_volumes = max_volumes
@@ -120,11 +130,16 @@ class NodeVolumes:
 
     # staging
 
-    def stage(self, volume_id: str, staging_path: str, access: VolumeAccess) -> None:
+    def stage(
+        self, volume_id: str, staging_path: str, access: VolumeAccess,
+        secrets: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         target = _path_arg(staging_path, "staging_target_path")
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
+            if (rbd := rbd_image_of(volume_id)) is not None:
+                self._fetch_rbd(volume_id, rbd[0], secrets or {})
             record = self._record(volume_id)
             if not target.is_dir():
                 raise InvalidArgument(f"staging_target_path {target} is not an existing directory")
@@ -154,11 +169,24 @@ class NodeVolumes:
                 if attached.vhost:
                     vhost_nodes.stage(attached.device, target)
                 elif not access.block:
-                    self._mount_fs(record, attached.device, target, access)
+                    self._mount_fs(record, attached, target, access)
             except BaseException:
                 if staged is None:
                     self._roll_back(volume_id, was_attached)
                 raise
+
+    def _fetch_rbd(self, volume_id: str, pool: str, secrets: dict[str, str]) -> None:
+        """Reads an RBD volume's record from its image into this node's records, and keeps
+        the secret for a restarted plugin to open the image again. Where this node has a
+        record already, its QoS (ControllerModifyVolume) stays."""
+        access = rbd_volumes.access_from(secrets, pool, "node-stage")
+        record = rbd_volumes.fetch(volume_id, access)
+        with contextlib.suppress(UnreadableRecord):
+            if (local := self.store.get(volume_id)) is not None:
+                record.qos = local.qos
+        self.store.ensure()
+        self.store.put(record)
+        self.ceph.put(volume_id, access)
 
     def _roll_back(self, volume_id: str, was_attached: bool) -> None:
         """Undoes a first stage that failed half-way, so a failed call changes nothing."""
@@ -172,6 +200,8 @@ class NodeVolumes:
             attached.backend.close()
             del self.attached[volume_id]
         self.staging.delete(volume_id)
+        if rbd_image_of(volume_id) is not None:
+            self.ceph.delete(volume_id)
 
     def _attach(self, record: VolumeRecord, readonly: bool) -> Attached:
         current = self.attached.get(record.volume_id)
@@ -186,14 +216,11 @@ class NodeVolumes:
     def _serve(self, record: VolumeRecord, readonly: bool, resume: bool) -> Attached:
         """Opens the volume's image and serves it: a new device, or (`resume`) the device a
         previous process left. Both ways must describe the device the same."""
-        backend = FileBackend.open(
-            self.store.image(record.volume_id), None, readonly,
-            thick=record.params.provisioning == "thick", direct=record.params.cache == "direct",
-        )  # fmt: skip
+        backend = self._open_backend(record, readonly)
         params = BlkParams(
             capacity=backend.size, queues=record.params.queues,
             queue_size=record.params.queue_size, readonly=readonly,
-            serial=record.volume_id[-20:], qos=record.qos,
+            serial=serial_for(record.volume_id), qos=record.qos,
         )  # fmt: skip
         attachment = Attachment(
             record.volume_id, backend, params, sysfs.ATTACH_DRIVERS[record.params.attach],
@@ -208,6 +235,22 @@ class NodeVolumes:
             backend.close()
             raise
         return Attached(attachment, backend)
+
+    def _open_backend(self, record: VolumeRecord, readonly: bool) -> Backend:
+        rbd = rbd_image_of(record.volume_id)
+        if rbd is None:
+            return FileBackend.open(
+                self.store.image(record.volume_id), None, readonly,
+                thick=record.params.provisioning == "thick",
+                direct=record.params.cache == "direct",
+            )  # fmt: skip
+        cluster = RbdCluster(self.ceph.get(record.volume_id))
+        try:
+            # A restarted plugin waits here for its own dead predecessor's lock to lapse.
+            return RbdBackend.open(cluster, rbd[1], readonly, owns_cluster=True)
+        except BaseException:
+            cluster.close()
+            raise
 
     def _adopt(self, volume_id: str, readonly: bool) -> Attached:
         """Serves the device a previous process left (caller holds the volume lock).
@@ -229,8 +272,9 @@ class NodeVolumes:
         return attached
 
     def _mount_fs(
-        self, record: VolumeRecord, device: Path, target: Path, access: VolumeAccess
+        self, record: VolumeRecord, attached: Attached, target: Path, access: VolumeAccess
     ) -> None:
+        device = attached.device
         current = mounts.mount_at(target)
         if current is not None:
             if current.major_minor == mounts.device_number(device):
@@ -264,6 +308,8 @@ class NodeVolumes:
         if not record.formatted or record.fs_type != fs_type:
             record.formatted, record.fs_type = True, fs_type
             self.store.put(record)
+            if isinstance(attached.backend, RbdBackend) and not access.readonly:
+                rbd_volumes.save_record(attached.backend, record)  # for every other node
         options = list(access.mount_flags)
         if access.readonly:
             options.append("ro")
@@ -305,6 +351,8 @@ class NodeVolumes:
                 attached.backend.close()
                 del self.attached[volume_id]
             self.staging.delete(volume_id)
+            if rbd_image_of(volume_id) is not None:
+                self.ceph.delete(volume_id)
             (self.log_dir / f"{volume_id}.log").unlink(missing_ok=True)
             self.problems.pop(volume_id, None)
 

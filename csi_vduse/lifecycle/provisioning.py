@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,6 +25,7 @@ from csi_vduse.errors import (
     OutOfRange,
 )
 from csi_vduse.kernel.vduse import DEVICE_DIR
+from csi_vduse.lifecycle import rbd_volumes
 from csi_vduse.lifecycle.capacity import (
     available_bytes,
     ensure_space,
@@ -35,11 +37,14 @@ from csi_vduse.state.atomic import fsync_dir
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.staging import StagingStore
 from csi_vduse.state.volumes import (
+    POOL_NAME,
     InvalidId,
     VolumeParams,
     VolumeRecord,
     VolumeStore,
     check_volume_id,
+    rbd_image_of,
+    rbd_volume_id_for,
     volume_id_for,
 )
 from csi_vduse.units import parse_size
@@ -60,8 +65,8 @@ QOS_PARAMS = {
 
 
 def parse_parameters(params: dict[str, str]) -> VolumeParams:
-    """StorageClass parameters: `queues`, `queueSize`, `provisioning`, `attach` and `cache`;
-    the CO's own keys are ignored."""
+    """StorageClass parameters: `queues`, `queueSize`, `provisioning`, `attach`, `cache`,
+    `backend` and `pool`; the CO's own keys are ignored."""
     values: dict[str, object] = {}
     for key, raw in params.items():
         if key.startswith(K8S_PARAM_PREFIX) or key in QOS_PARAMS:
@@ -81,22 +86,44 @@ def parse_parameters(params: dict[str, str]) -> VolumeParams:
                 raise InvalidArgument(f"parameter cache={raw!r} must be page or direct")
             values["cache"] = raw
             continue
+        if key == "backend":
+            if raw not in ("file", "rbd"):
+                raise InvalidArgument(f"parameter backend={raw!r} must be file or rbd")
+            values["backend"] = raw
+            continue
+        if key == "pool":
+            if not POOL_NAME.match(raw):
+                raise InvalidArgument(f"parameter pool={raw!r} is not a pool name")
+            values["pool"] = raw
+            continue
         field = {"queues": "queues", "queueSize": "queue_size"}.get(key)
         if field is None:
             raise InvalidArgument(
                 f"unknown parameter {key!r} (known: queues, queueSize, provisioning, attach, "
-                f"cache, {', '.join(QOS_PARAMS)})"
+                f"cache, backend, pool, {', '.join(QOS_PARAMS)})"
             )
         try:
             values[field] = int(raw)
         except ValueError:
             raise InvalidArgument(f"parameter {key}={raw!r} is not an integer") from None
     result = VolumeParams.model_validate(values)
+    if reason := backend_reason(result):
+        raise InvalidArgument(reason)
     try:
         check_queues(result.queues, result.queue_size)
     except ValueError as e:
         raise InvalidArgument(f"parameters queues/queueSize: {e}") from None
     return result
+
+
+def backend_reason(params: VolumeParams) -> str | None:
+    if params.backend == "file":
+        return "parameter pool is for backend=rbd" if params.pool is not None else None
+    if params.pool is None:
+        return "backend=rbd needs the parameter pool"
+    if params.provisioning != "thin" or params.cache != "page":
+        return "backend=rbd takes neither provisioning nor cache (librbd has its own cache)"
+    return None
 
 
 def parse_qos(
@@ -188,12 +215,15 @@ class Provisioner:
     def create(
         self, name: str, required: int, limit: int, params: dict[str, str],
         mutable: dict[str, str] | None = None, source: Source | None = None,
+        secrets: dict[str, str] | None = None,
     ) -> VolumeRecord:  # fmt: skip
         """A new volume, empty or (`source`) holding a copy of a snapshot or a volume made
         while that volume's data plane is quiesced."""
         check_name(name)
         volume_params = parse_parameters(params)
         qos = parse_qos(mutable or {}, parse_qos(params, only_qos=False))
+        if volume_params.backend == "rbd":
+            return self._create_rbd(name, required, limit, volume_params, qos, source, secrets)
         volume_id = volume_id_for(name)
         self.store.ensure()
         with self.locks.hold(volume_id):
@@ -224,6 +254,27 @@ class Provisioner:
             self.store.put(record)
             return record
 
+    def _create_rbd(
+        self, name: str, required: int, limit: int, params: VolumeParams, qos: QosLimits,
+        source: Source | None, secrets: dict[str, str] | None,
+    ) -> VolumeRecord:  # fmt: skip
+        if source is not None:
+            raise InvalidArgument("rbd volumes are not made from snapshots or volumes yet")
+        assert params.pool is not None
+        access = rbd_volumes.access_from(secrets or {}, params.pool, "provisioner")
+        volume_id = rbd_volume_id_for(name, params.pool)
+        self.store.ensure()
+        with self.locks.hold(volume_id):
+            record = VolumeRecord(
+                volume_id=volume_id, name=name, capacity=pick_capacity(required, limit),
+                params=params, qos=qos, created_at=time.time(),
+            )  # fmt: skip
+            record = rbd_volumes.create(record, access)
+            if limit and record.capacity > limit:
+                raise AlreadyExists(f"volume {name} exists with {record.capacity} bytes")
+            self.store.put(record)
+            return record
+
     def _copy_source(self, record: VolumeRecord, source: Source, required: int, limit: int) -> None:
         kind, source_id = source
         if self.snapshots is None:
@@ -237,6 +288,8 @@ class Provisioner:
                 reflink = True  # a snapshot is never written
             else:
                 volume = existing_volume(self.store, source_id, "source volume")
+                if volume.params.backend != record.params.backend:
+                    raise InvalidArgument("a volume is cloned only within its backend")
                 origin, size = self.store.image(source_id), volume.capacity
                 record.formatted, record.fs_type = volume.formatted, volume.fs_type
                 quiesce = self.snapshots.quiesce(source_id)
@@ -286,7 +339,7 @@ class Provisioner:
     def is_staged(self, volume_id: str) -> bool:
         return self.staging.exists(volume_id) or (DEVICE_DIR / volume_id).exists()
 
-    def delete(self, volume_id: str) -> None:
+    def delete(self, volume_id: str, secrets: dict[str, str] | None = None) -> None:
         if not volume_id_or_raise(volume_id):
             return
         with self.locks.hold(volume_id):
@@ -294,6 +347,9 @@ class Provisioner:
                 raise FailedPrecondition(
                     f"volume {volume_id} is staged on this node; unstage it before deleting"
                 )
+            if (rbd := rbd_image_of(volume_id)) is not None:
+                rbd_volumes.delete(volume_id, rbd_volumes.access_from(secrets or {}, rbd[0],
+                                                                      "provisioner"))  # fmt: skip
             self.store.delete(volume_id)
 
     def _get(self, volume_id: str) -> VolumeRecord | None:
@@ -309,15 +365,26 @@ class Provisioner:
             raise NotFound(f"volume {volume_id} does not exist")
         return record
 
-    def expand(self, volume_id: str, required: int, limit: int) -> VolumeRecord:
+    def expand(
+        self, volume_id: str, required: int, limit: int, secrets: dict[str, str] | None = None
+    ) -> VolumeRecord:
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist")
         with self.locks.hold(volume_id):
+            rbd = rbd_image_of(volume_id)
             record = self._get(volume_id)
-            if record is None:
+            if record is None and rbd is None:
                 raise NotFound(f"volume {volume_id} does not exist")
+            if rbd is not None:
+                access = rbd_volumes.access_from(secrets or {}, rbd[0], "controller-expand")
+                record = record or rbd_volumes.fetch(volume_id, access)
+            assert record is not None
             capacity = pick_capacity(required, limit, default=record.capacity)
             if capacity <= record.capacity:
+                return record
+            if rbd is not None:
+                record = rbd_volumes.grow(record, capacity, access)
+                self.store.put(record)
                 return record
             image = self.store.image(volume_id)
             with exclusive(self.space):
@@ -339,11 +406,17 @@ class Provisioner:
         return self.store.scan()
 
     def image_missing(self, record: VolumeRecord) -> bool:
+        """Whether the node-local image is gone (an RBD image is not looked up: that needs
+        the secret the call does not bring)."""
+        if record.params.backend == "rbd":
+            return False
         with contextlib.suppress(FileNotFoundError):
             return self.store.image(record.volume_id).stat().st_size < record.capacity
         return True
 
     def image_size(self, volume_id: str) -> int:
+        if rbd_image_of(volume_id) is not None:
+            return 0
         with contextlib.suppress(FileNotFoundError):
             return self.store.image(volume_id).stat().st_size
         return 0

@@ -82,6 +82,8 @@ class Snapshots:
                 return existing
             with self.locks.hold(source_volume_id):
                 volume = existing_volume(self.volumes, source_volume_id)
+                if volume.params.backend == "rbd":
+                    raise InvalidArgument("snapshots of rbd volumes are not supported yet")
                 return self._cut(snapshot_id, name, volume)
 
     def _cut(self, snapshot_id: str, name: str, volume: VolumeRecord) -> SnapshotRecord:

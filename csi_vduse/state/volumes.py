@@ -20,6 +20,10 @@ from csi_vduse.state.records import Record, load, scan
 
 ID_PREFIX = "vduse-"
 _ID = re.compile(r"^vduse-[0-9a-f]{40}$")
+# An RBD volume's id names its pool, since DeleteVolume is given nothing else.
+RBD_ID_PREFIX = "vduse-rbd-"
+_RBD_ID = re.compile(r"^vduse-rbd-([0-9a-f]{40})-([A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_ID_BYTES = 128
 
@@ -30,7 +34,27 @@ class InvalidId(ValueError):
 
 def volume_id_for(name: str) -> str:
     """Deterministic, so that CreateVolume is idempotent by name across crashes."""
-    return ID_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:40]
+    return ID_PREFIX + _name_hash(name)
+
+
+def _name_hash(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+def rbd_volume_id_for(name: str, pool: str) -> str:
+    return f"{RBD_ID_PREFIX}{_name_hash(name)}-{pool}"
+
+
+def rbd_image_of(volume_id: str) -> tuple[str, str] | None:
+    """(pool, image) of an RBD volume's id; None for any other id."""
+    found = _RBD_ID.match(volume_id)
+    return (found[2], f"csi-vduse-{found[1]}") if found else None
+
+
+def serial_for(volume_id: str) -> str:
+    """The virtio-blk serial (20 bytes at most): the end of the id's hash."""
+    found = _RBD_ID.match(volume_id)
+    return (found[1] if found else volume_id)[-20:]
 
 
 def check_volume_id(volume_id: str) -> bool:
@@ -42,7 +66,7 @@ def check_volume_id(volume_id: str) -> bool:
         raise InvalidId(f"volume_id is longer than {MAX_ID_BYTES} bytes")
     if not _SAFE.match(volume_id):
         raise InvalidId(f"volume_id {volume_id!r} holds characters other than [A-Za-z0-9._-]")
-    return bool(_ID.match(volume_id))
+    return bool(_ID.match(volume_id) or _RBD_ID.match(volume_id))
 
 
 class VolumeParams(BaseModel):
@@ -55,6 +79,9 @@ class VolumeParams(BaseModel):
     attach: Literal["virtio-vdpa", "vhost-vdpa"] = "virtio-vdpa"
     # page: through the node's page cache; direct: O_DIRECT where the file system allows
     cache: Literal["page", "direct"] = "page"
+    # file: an image in the node's data dir; rbd: an image in a Ceph pool, any node
+    backend: Literal["file", "rbd"] = "file"
+    pool: str | None = None
 
 
 class VolumeRecord(Record):

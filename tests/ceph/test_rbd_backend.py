@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 from pydantic import SecretStr
@@ -16,27 +15,12 @@ from pydantic import SecretStr
 from csi_vduse._native import lib
 from csi_vduse.backends import rbd
 from csi_vduse.backends.base import BackendError
-from tests.ceph.cluster import CephCluster, missing_binaries
+from tests.ceph.cluster import CephCluster
 from tests.unit.fakeguest import Device, FakeGuest
 
 OK, IOERR = lib.VIRTIO_BLK_S_OK, lib.VIRTIO_BLK_S_IOERR
 IN, OUT, FLUSH = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def ceph() -> Iterator[CephCluster]:
-    assert not missing_binaries(), f"install Debian's ceph: {missing_binaries()}"
-    assert rbd.available(), "this build has no librbd: install librbd-dev and rebuild"
-    with CephCluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def access(ceph: CephCluster) -> rbd.RbdAccess:
-    return rbd.RbdAccess(
-        monitors=ceph.monitors, user=ceph.user, key=SecretStr(ceph.key), pool=ceph.pool
-    )
 
 
 def status(guest: FakeGuest, iova: int) -> int:

@@ -6,19 +6,27 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from pydantic import SecretStr
 
 from csi_vduse.backends import rbd
+from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.dataplane.blk_device import BlkParams
 from csi_vduse.lifecycle.attachment import Attachment
+from csi_vduse.state.volumes import rbd_image_of
 from tests.ceph.cluster import CephCluster, missing_binaries
+from tests.csi_client import Plugin, code_of, mount_cap
 from tests.e2e.helpers import Export, assert_gone, run
 
 MiB = 1 << 20
+C = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +128,74 @@ def test_export_serves_an_image_and_a_restart_keeps_its_data(
     finally:
         assert exp.stop() == 0, exp.stderr
     assert pool.remove(name)
+
+
+def test_an_rbd_volume_through_csi_outlives_a_killed_plugin(
+    plugin: Plugin, ceph: CephCluster, workdir: Path
+) -> None:
+    """The kubelet's sequence on a backend=rbd class: the secret comes with each call;
+    the volume's record (formatted) lands in the image; a plugin killed under fio comes
+    back, opens the image with the secret it kept and fails no I/O."""
+    secrets = {"monitors": ceph.monitors, "userID": ceph.user, "userKey": ceph.key}
+    cap = mount_cap()
+    resp = plugin.controller.CreateVolume(pb.CreateVolumeRequest(
+        name="pvc-rbd", capacity_range=pb.CapacityRange(required_bytes=128 * MiB),
+        volume_capabilities=[cap], parameters={"backend": "rbd", "pool": ceph.pool},
+        secrets=secrets,
+    ))  # fmt: skip
+    vid = resp.volume.volume_id
+    assert not resp.volume.accessible_topology  # any node may stage it
+    image = f"{ceph.pool}/{rbd_image_of(vid)[1]}"  # type: ignore[index]
+    staging, target = workdir / "s", workdir / "t"
+    staging.mkdir()
+    request = pb.NodeStageVolumeRequest(
+        volume_id=vid, staging_target_path=str(staging), volume_capability=cap
+    )
+    assert code_of(lambda: plugin.node.NodeStageVolume(request)) == C.INVALID_ARGUMENT
+    request.secrets.update(secrets)
+    plugin.node.NodeStageVolume(request)
+    assert '"formatted":true' in ceph.rbd("image-meta", "get", image, "csi-vduse.record")
+    kept = workdir / "state" / "ceph-access" / f"{vid}.json"
+    assert kept.stat().st_mode & 0o077 == 0
+    plugin.node.NodePublishVolume(pb.NodePublishVolumeRequest(
+        volume_id=vid, staging_target_path=str(staging), target_path=str(target),
+        volume_capability=cap,
+    ))  # fmt: skip
+    fio = subprocess.Popen(
+        ["fio", "--name=rbd", f"--filename={target / 'data'}", "--direct=1",
+         "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M",
+         "--verify=crc32c", "--verify_fatal=1", "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    threading.Event().wait(1.5)
+    assert fio.poll() is None, "fio finished before the kill; make it longer"
+    plugin.stop(signal.SIGKILL)
+    plugin.start()  # waits out the dead process's lock on the image
+    out, err = fio.communicate(timeout=600)
+    assert fio.returncode == 0, err
+    assert json.loads(out[out.index("{") :])["jobs"][0]["error"] == 0
+
+    delete = pb.DeleteVolumeRequest(volume_id=vid, secrets=secrets)
+    assert code_of(lambda: plugin.controller.DeleteVolume(delete)) == C.FAILED_PRECONDITION
+    grown = plugin.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=256 * MiB),
+        secrets=secrets,
+    ))  # fmt: skip
+    assert grown.capacity_bytes == 256 * MiB and grown.node_expansion_required
+    plugin.node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+        volume_id=vid, volume_path=str(target),
+        capacity_range=pb.CapacityRange(required_bytes=256 * MiB),
+    ))  # fmt: skip
+    assert os.statvfs(target).f_blocks * os.statvfs(target).f_frsize > 200 * MiB
+
+    plugin.node.NodeUnpublishVolume(
+        pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target))
+    )
+    plugin.node.NodeUnstageVolume(
+        pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
+    )
+    assert not kept.exists()
+    assert_gone(vid)
+    plugin.controller.DeleteVolume(delete)
+    assert rbd_image_of(vid)[1] not in ceph.rbd("ls", ceph.pool)  # type: ignore[index]
+    assert ceph.key not in plugin.log.read_text()

@@ -85,5 +85,13 @@ int dp_rbd_open(struct dp_rbd_cluster *c, struct dp_rbd *r, const char *name, bo
                 char *err, size_t errlen);
 int dp_rbd_resize(struct dp_rbd *r, uint64_t size);
 void dp_rbd_close(struct dp_rbd *r);
+/* Image metadata: set `key` to `value`, or (value NULL) read it into out, *outlen bytes
+ * (-ENODATA: unset; -ENOENT: no such image; -ERANGE: out too small). dp_rbd_meta opens
+ * the image by name. */
+int dp_rbd_meta(struct dp_rbd_cluster *c, const char *name, const char *key,
+                const char *value, char *out, size_t *outlen);
+int dp_rbd_image_meta(struct dp_rbd *r, const char *key, const char *value, char *out,
+                      size_t *outlen);
+int dp_rbd_grow(struct dp_rbd_cluster *c, const char *name, uint64_t *size);
 
 #endif

@@ -129,6 +129,54 @@ void dp_rbd_close(struct dp_rbd *r)
     r->image = NULL;
 }
 
+/* The image's metadata `key`: set to `value`, or (value NULL) read into out (*outlen
+ * bytes, set to the length on return; -ERANGE when it is too small, -ENODATA when unset,
+ * as -ENOENT says the image is missing). */
+static int meta(rbd_image_t image, const char *key, const char *value, char *out,
+                size_t *outlen)
+{
+    if (value)
+        return rbd_metadata_set(image, key, value);
+    int r = rbd_metadata_get(image, key, out, outlen);
+    return r == -ENOENT ? -ENODATA : r;
+}
+
+int dp_rbd_meta(struct dp_rbd_cluster *c, const char *name, const char *key,
+                const char *value, char *out, size_t *outlen)
+{
+    rbd_image_t image;
+    int r = value ? rbd_open(c->ioctx, name, &image, NULL)
+                  : rbd_open_read_only(c->ioctx, name, &image, NULL);
+    if (r < 0)
+        return r;
+    r = meta(image, key, value, out, outlen);
+    rbd_close(image);
+    return r;
+}
+
+int dp_rbd_image_meta(struct dp_rbd *r, const char *key, const char *value, char *out,
+                      size_t *outlen)
+{
+    return meta(r->image, key, value, out, outlen);
+}
+
+/* Grows a closed image, or one another client holds (librbd asks the lock's owner to do
+ * it); the size it has after is in *size. Never shrinks. */
+int dp_rbd_grow(struct dp_rbd_cluster *c, const char *name, uint64_t *size)
+{
+    rbd_image_t image;
+    uint64_t now;
+    int r = rbd_open(c->ioctx, name, &image, NULL);
+    if (r < 0)
+        return r;
+    if ((r = rbd_get_size(image, &now)) == 0 && now < *size)
+        r = rbd_resize(image, *size);
+    if (r == 0 && now > *size)
+        *size = now;
+    rbd_close(image);
+    return r;
+}
+
 static rbd_image_t image_of(void *ctx)
 {
     return ((struct dp_rbd *)ctx)->image;
@@ -365,6 +413,23 @@ int dp_rbd_resize(struct dp_rbd *r, uint64_t size)
 }
 
 void dp_rbd_close(struct dp_rbd *r) {}
+
+int dp_rbd_meta(struct dp_rbd_cluster *c, const char *name, const char *key,
+                const char *value, char *out, size_t *outlen)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_image_meta(struct dp_rbd *r, const char *key, const char *value, char *out,
+                      size_t *outlen)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_grow(struct dp_rbd_cluster *c, const char *name, uint64_t *size)
+{
+    return -ENOSYS;
+}
 
 const struct dp_backend_ops dp_rbd_ops = {0};
 

@@ -1,0 +1,79 @@
+"""backend=rbd on the control path, without a cluster: parameters, ids, secrets, and the
+secret a node keeps for a restarted plugin."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from csi_vduse.errors import InvalidArgument
+from csi_vduse.lifecycle.provisioning import parse_parameters
+from csi_vduse.lifecycle.rbd_volumes import access_from
+from csi_vduse.state.ceph_access import CephAccessStore
+from csi_vduse.state.records import UnreadableRecord
+from csi_vduse.state.volumes import (
+    InvalidId,
+    check_volume_id,
+    rbd_image_of,
+    rbd_volume_id_for,
+    serial_for,
+    volume_id_for,
+)
+
+SECRET = {"monitors": "v2:127.0.0.1:3300", "userID": "csi", "userKey": "AQBsecretsecret=="}
+
+
+def test_an_rbd_class_needs_a_pool_and_takes_no_file_options() -> None:
+    params = parse_parameters({"backend": "rbd", "pool": "kube", "queues": "2"})
+    assert (params.backend, params.pool, params.queues) == ("rbd", "kube", 2)
+    assert parse_parameters({}).backend == "file"
+    for bad in (
+        {"backend": "rbd"},
+        {"backend": "rbd", "pool": "kube", "cache": "direct"},
+        {"backend": "rbd", "pool": "kube", "provisioning": "thick"},
+        {"backend": "rbd", "pool": "../etc"},
+        {"backend": "nfs"},
+        {"pool": "kube"},
+    ):
+        with pytest.raises(InvalidArgument):
+            parse_parameters(bad)
+
+
+def test_an_rbd_id_names_its_pool_and_image_and_nothing_else() -> None:
+    vid = rbd_volume_id_for("pvc-1", "kube.ssd")
+    assert check_volume_id(vid)
+    pool, image = rbd_image_of(vid) or ("", "")
+    assert pool == "kube.ssd" and image.startswith("csi-vduse-")
+    assert rbd_volume_id_for("pvc-1", "kube.ssd") == vid != rbd_volume_id_for("pvc-1", "other")
+    assert rbd_image_of(volume_id_for("pvc-1")) is None
+    assert len(serial_for(vid)) == 20 and serial_for(vid) in vid
+    assert not check_volume_id("vduse-rbd-abc-kube")  # harmless, but not one of ours
+    assert rbd_image_of("vduse-rbd-abc-kube") is None
+    with pytest.raises(InvalidId):
+        check_volume_id(vid.replace("kube.ssd", "../../x"))
+
+
+def test_a_secret_without_its_keys_is_refused_and_never_echoed() -> None:
+    access = access_from(SECRET, "kube", "node-stage")
+    assert access.user == "csi" and access.key.get_secret_value() == SECRET["userKey"]
+    assert SECRET["userKey"] not in repr(access)
+    with pytest.raises(InvalidArgument, match="node-stage secret with userKey"):
+        access_from({**SECRET, "userKey": ""}, "kube", "node-stage")
+    with pytest.raises(InvalidArgument, match="without 'client.'") as e:
+        access_from({**SECRET, "userID": "client.csi"}, "kube", "provisioner")
+    assert SECRET["userKey"] not in str(e.value)
+
+
+def test_the_kept_secret_is_readable_by_root_only_and_goes_at_unstage(tmp_path: Path) -> None:
+    store = CephAccessStore(tmp_path)
+    vid = rbd_volume_id_for("pvc-1", "kube")
+    store.put(vid, access_from(SECRET, "kube", "node-stage"))
+    kept = store.root / f"{vid}.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert store.get(vid).key.get_secret_value() == SECRET["userKey"]
+    store.delete(vid)
+    with pytest.raises(UnreadableRecord, match="NodeStageVolume"):
+        store.get(vid)
