@@ -151,7 +151,10 @@ class Unavailable(RuntimeError):
 
 
 def _command(*argv: str) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"{' '.join(argv)}: no answer in 120 s") from None
     if r.returncode != 0:
         raise Unavailable(f"{' '.join(argv)}: {r.stderr.strip()[-300:]}")
     return r.stdout.strip()
@@ -180,12 +183,14 @@ def serve_csi_vduse_rbd(rbd: RbdImage, queues: int, queue_size: int) -> Iterator
 @contextmanager
 def serve_krbd(rbd: RbdImage, queues: int, queue_size: int) -> Iterator[Served]:
     _command("modprobe", "rbd")
-    dev = _command("rbd", "-c", str(rbd.conf), "device", "map", "-o", "ms_mode=prefer-crc",
-                   rbd.spec)  # fmt: skip
+    # noudev: the lab runs no udev, and rbd would wait for its events forever
+    dev = _command("rbd", "-c", str(rbd.conf), "device", "map", "-o",
+                   "ms_mode=prefer-crc,noudev", rbd.spec)  # fmt: skip
     try:
         yield Served(Path(dev), None)  # the kernel's CPU time is not a process's
     finally:
-        subprocess.run(["rbd", "-c", str(rbd.conf), "device", "unmap", dev], check=True)
+        subprocess.run(["rbd", "-c", str(rbd.conf), "device", "unmap", "-o", "noudev", dev],
+                       check=True)  # fmt: skip
 
 
 @contextmanager

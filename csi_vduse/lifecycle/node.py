@@ -15,7 +15,7 @@ from pathlib import Path
 
 from csi_vduse.backends import FileBackend
 from csi_vduse.backends.base import Backend
-from csi_vduse.backends.rbd import RbdBackend, RbdCluster
+from csi_vduse.backends.rbd import RbdAccess, RbdBackend, RbdCluster
 from csi_vduse.dataplane.blk_device import SECTOR, BlkParams
 from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.errors import (
@@ -138,8 +138,9 @@ class NodeVolumes:
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
+            ceph = None
             if (rbd := rbd_image_of(volume_id)) is not None:
-                self._fetch_rbd(volume_id, rbd[0], secrets or {})
+                ceph = self._fetch_rbd(volume_id, rbd[0], secrets or {})
             record = self._record(volume_id)
             if not target.is_dir():
                 raise InvalidArgument(f"staging_target_path {target} is not an existing directory")
@@ -160,6 +161,8 @@ class NodeVolumes:
                 wanted.device, wanted.published = staged.device, staged.published
             elif len(self.attached) >= self.max_volumes:
                 raise ResourceExhausted(f"this node serves at most {self.max_volumes} volumes")
+            if ceph is not None:
+                self.ceph.put(volume_id, ceph)
             self.staging.put(wanted)  # intent first: a crash leaves a record to converge from
             was_attached = volume_id in self.attached
             try:
@@ -175,10 +178,10 @@ class NodeVolumes:
                     self._roll_back(volume_id, was_attached)
                 raise
 
-    def _fetch_rbd(self, volume_id: str, pool: str, secrets: dict[str, str]) -> None:
-        """Reads an RBD volume's record from its image into this node's records, and keeps
-        the secret for a restarted plugin to open the image again. Where this node has a
-        record already, its QoS (ControllerModifyVolume) stays."""
+    def _fetch_rbd(self, volume_id: str, pool: str, secrets: dict[str, str]) -> RbdAccess:
+        """Reads an RBD volume's record from its image into this node's records; returns
+        the access, which the stage keeps for a restarted plugin to open the image again.
+        Where this node has a record already, its QoS (ControllerModifyVolume) stays."""
         access = rbd_volumes.access_from(secrets, pool, "node-stage")
         record = rbd_volumes.fetch(volume_id, access)
         with contextlib.suppress(UnreadableRecord):
@@ -186,7 +189,7 @@ class NodeVolumes:
                 record.qos = local.qos
         self.store.ensure()
         self.store.put(record)
-        self.ceph.put(volume_id, access)
+        return access
 
     def _roll_back(self, volume_id: str, was_attached: bool) -> None:
         """Undoes a first stage that failed half-way, so a failed call changes nothing."""

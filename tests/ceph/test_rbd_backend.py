@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -136,6 +137,57 @@ def test_a_dead_writers_lock_lapses_and_the_image_opens_again(
         print(f"\nthe dead writer's lock lapsed after {time.monotonic() - started:.1f} s")
         backend.close()
         cluster.remove("orphan")
+
+
+def test_a_completed_write_outlives_the_process_that_made_it(
+    access: rbd.RbdAccess, ceph: CephCluster, tmp_path: Path
+) -> None:
+    """A write the guest was answered for is in the cluster, not in librbd's cache in the
+    plugin's memory: killed right after, nothing is lost. (A flush first, since librbd's
+    cache turns to write-back at the first flush.)"""
+    with rbd.RbdCluster(access) as cluster:
+        cluster.create("durable", 4 * MiB)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITE_THEN_WAIT, access.monitors, access.user, access.pool,
+         "durable"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert writer.stdin is not None and writer.stdout is not None
+    writer.stdin.write(access.key.get_secret_value() + "\n")
+    writer.stdin.flush()
+    assert writer.stdout.readline().strip() == "written"
+    writer.kill()
+    writer.wait()
+    exported = tmp_path / "durable"
+    ceph.rbd("export", f"{ceph.pool}/durable", str(exported))
+    assert exported.read_bytes()[:MiB] == bytes(range(256)) * (MiB // 256)
+    with rbd.RbdCluster(access) as cluster:
+        rbd.RbdBackend.open(cluster, "durable").close()  # waits out the dead writer's lock
+        cluster.remove("durable")
+
+
+WRITE_THEN_WAIT = """
+import sys, time
+from pydantic import SecretStr
+from csi_vduse._native import lib
+from csi_vduse.backends import rbd
+from tests.unit.fakeguest import Device, FakeGuest
+monitors, user, pool, image = sys.argv[1:]
+access = rbd.RbdAccess(monitors=monitors, user=user, key=SecretStr(input()), pool=pool)
+backend = rbd.RbdBackend.open(rbd.RbdCluster(access), image)
+ops, ctx = backend.native_ops()
+guest = FakeGuest(num=64, pages=512)
+dev = Device(guest, size=backend.size, ops=ops, ctx=ctx, depth=8)
+guest.blk_request(lib.VIRTIO_BLK_T_FLUSH)
+assert dev.process() == 1
+chunk = bytes(range(256)) * 512
+statuses = [guest.blk_request(lib.VIRTIO_BLK_T_OUT, sector=k * 256, out=chunk)[2]
+            for k in range(8)]
+assert dev.process() == 8
+assert all(guest.arena.read(st, 1)[0] == lib.VIRTIO_BLK_S_OK for st in statuses)
+print("written", flush=True)
+time.sleep(3600)
+"""
 
 
 HOLD_LOCK = """

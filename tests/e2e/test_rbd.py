@@ -3,6 +3,7 @@ in the lab (tests/ceph/cluster.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -154,46 +155,46 @@ def test_an_rbd_volume_through_csi_outlives_a_killed_plugin(
     assert code_of(lambda: plugin.node.NodeStageVolume(request)) == C.INVALID_ARGUMENT
     request.secrets.update(secrets)
     plugin.node.NodeStageVolume(request)
-    assert '"formatted":true' in ceph.rbd("image-meta", "get", image, "csi-vduse.record")
+    unpublish = pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target))
+    unstage = pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
     kept = workdir / "state" / "ceph-access" / f"{vid}.json"
-    assert kept.stat().st_mode & 0o077 == 0
-    plugin.node.NodePublishVolume(pb.NodePublishVolumeRequest(
-        volume_id=vid, staging_target_path=str(staging), target_path=str(target),
-        volume_capability=cap,
-    ))  # fmt: skip
-    fio = subprocess.Popen(
-        ["fio", "--name=rbd", f"--filename={target / 'data'}", "--direct=1",
-         "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M",
-         "--verify=crc32c", "--verify_fatal=1", "--output-format=json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    threading.Event().wait(1.5)
-    assert fio.poll() is None, "fio finished before the kill; make it longer"
-    plugin.stop(signal.SIGKILL)
-    plugin.start()  # waits out the dead process's lock on the image
-    out, err = fio.communicate(timeout=600)
-    assert fio.returncode == 0, err
-    assert json.loads(out[out.index("{") :])["jobs"][0]["error"] == 0
-
     delete = pb.DeleteVolumeRequest(volume_id=vid, secrets=secrets)
-    assert code_of(lambda: plugin.controller.DeleteVolume(delete)) == C.FAILED_PRECONDITION
-    grown = plugin.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
-        volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=256 * MiB),
-        secrets=secrets,
-    ))  # fmt: skip
-    assert grown.capacity_bytes == 256 * MiB and grown.node_expansion_required
-    plugin.node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
-        volume_id=vid, volume_path=str(target),
-        capacity_range=pb.CapacityRange(required_bytes=256 * MiB),
-    ))  # fmt: skip
-    assert os.statvfs(target).f_blocks * os.statvfs(target).f_frsize > 200 * MiB
+    try:
+        assert '"formatted":true' in ceph.rbd("image-meta", "get", image, "csi-vduse.record")
+        assert kept.stat().st_mode & 0o077 == 0
+        plugin.node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), target_path=str(target),
+            volume_capability=cap,
+        ))  # fmt: skip
+        fio = subprocess.Popen(
+            ["fio", "--name=rbd", f"--filename={target / 'data'}", "--direct=1",
+             "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M",
+             "--verify=crc32c", "--verify_fatal=1", "--output-format=json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        threading.Event().wait(1.5)
+        assert fio.poll() is None, "fio finished before the kill; make it longer"
+        plugin.stop(signal.SIGKILL)
+        plugin.start()  # waits out the dead process's lock on the image
+        out, err = fio.communicate(timeout=600)
+        assert fio.returncode == 0, err
+        assert json.loads(out[out.index("{") :])["jobs"][0]["error"] == 0
 
-    plugin.node.NodeUnpublishVolume(
-        pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target))
-    )
-    plugin.node.NodeUnstageVolume(
-        pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
-    )
+        assert code_of(lambda: plugin.controller.DeleteVolume(delete)) == C.FAILED_PRECONDITION
+        grown = plugin.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=256 * MiB),
+            secrets=secrets,
+        ))  # fmt: skip
+        assert grown.capacity_bytes == 256 * MiB and grown.node_expansion_required
+        plugin.node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+            volume_id=vid, volume_path=str(target),
+            capacity_range=pb.CapacityRange(required_bytes=256 * MiB),
+        ))  # fmt: skip
+        assert os.statvfs(target).f_blocks * os.statvfs(target).f_frsize > 200 * MiB
+    finally:  # a device left without its server would hang the fixture's unmounts
+        with contextlib.suppress(grpc.RpcError):
+            plugin.node.NodeUnpublishVolume(unpublish)
+        plugin.node.NodeUnstageVolume(unstage)
     assert not kept.exists()
     assert_gone(vid)
     plugin.controller.DeleteVolume(delete)

@@ -61,7 +61,7 @@ def test_a_secret_without_its_keys_is_refused_and_never_echoed() -> None:
     assert SECRET["userKey"] not in repr(access)
     with pytest.raises(InvalidArgument, match="node-stage secret with userKey"):
         access_from({**SECRET, "userKey": ""}, "kube", "node-stage")
-    with pytest.raises(InvalidArgument, match="without 'client.'") as e:
+    with pytest.raises(InvalidArgument, match=r"without 'client\.'") as e:
         access_from({**SECRET, "userID": "client.csi"}, "kube", "provisioner")
     assert SECRET["userKey"] not in str(e.value)
 

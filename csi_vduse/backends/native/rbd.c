@@ -41,6 +41,9 @@ int dp_rbd_connect(struct dp_rbd_cluster *c, const char *monitors, const char *u
         {"log_to_stderr", "false"}, {"err_to_stderr", "false"},
         {"client_mount_timeout", "30"}, {"rados_mon_op_timeout", "30"},
         {"rados_osd_op_timeout", "0"},  /* a slow OSD is waited for, never an error */
+        /* librbd's cache would answer writes from this process's memory: a killed plugin
+         * would lose writes the guest was told were done. A write completes in the OSDs. */
+        {"rbd_cache", "false"},
     };
     for (size_t i = 0; i < sizeof(settings) / sizeof(settings[0]); i++)
         if ((r = rados_conf_set(cluster, settings[i][0], settings[i][1])) < 0) {
