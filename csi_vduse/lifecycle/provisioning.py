@@ -64,6 +64,13 @@ QOS_PARAMS = {
 }  # fmt: skip
 
 
+# StorageClass parameters that take one of a few words (the VolumeParams field of that name)
+CHOICE_PARAMS = {
+    "provisioning": ("thin", "thick"), "attach": ("virtio-vdpa", "vhost-vdpa"),
+    "cache": ("page", "direct"), "backend": ("file", "rbd"),
+}  # fmt: skip
+
+
 def parse_parameters(params: dict[str, str]) -> VolumeParams:
     """StorageClass parameters: `queues`, `queueSize`, `provisioning`, `attach`, `cache`,
     `backend` and `pool`; the CO's own keys are ignored."""
@@ -71,25 +78,10 @@ def parse_parameters(params: dict[str, str]) -> VolumeParams:
     for key, raw in params.items():
         if key.startswith(K8S_PARAM_PREFIX) or key in QOS_PARAMS:
             continue
-        if key == "provisioning":
-            if raw not in ("thin", "thick"):
-                raise InvalidArgument(f"parameter provisioning={raw!r} must be thin or thick")
-            values["provisioning"] = raw
-            continue
-        if key == "attach":
-            if raw not in ("virtio-vdpa", "vhost-vdpa"):
-                raise InvalidArgument(f"parameter attach={raw!r} must be virtio-vdpa or vhost-vdpa")
-            values["attach"] = raw
-            continue
-        if key == "cache":
-            if raw not in ("page", "direct"):
-                raise InvalidArgument(f"parameter cache={raw!r} must be page or direct")
-            values["cache"] = raw
-            continue
-        if key == "backend":
-            if raw not in ("file", "rbd"):
-                raise InvalidArgument(f"parameter backend={raw!r} must be file or rbd")
-            values["backend"] = raw
+        if (choices := CHOICE_PARAMS.get(key)) is not None:
+            if raw not in choices:
+                raise InvalidArgument(f"parameter {key}={raw!r} must be {' or '.join(choices)}")
+            values[key] = raw
             continue
         if key == "pool":
             if not POOL_NAME.match(raw):

@@ -114,6 +114,20 @@ def test_a_wrong_key_is_refused(access: rbd.RbdAccess, ceph: CephCluster) -> Non
         rbd.RbdCluster(bad)
 
 
+def child(script: str, access: rbd.RbdAccess, image: str, says: str) -> subprocess.Popen[str]:
+    """A process running `script` on the image (the key on its stdin), once it printed
+    `says`: a plugin the test can kill."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, access.monitors, access.user, access.pool, image],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(access.key.get_secret_value() + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == says
+    return proc
+
+
 def test_a_dead_writers_lock_lapses_and_the_image_opens_again(
     access: rbd.RbdAccess, ceph: CephCluster
 ) -> None:
@@ -121,14 +135,7 @@ def test_a_dead_writers_lock_lapses_and_the_image_opens_again(
     the image from its successor: the open waits for the lock to lapse."""
     with rbd.RbdCluster(access) as cluster:
         cluster.create("orphan", 4 * MiB)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, access.monitors, access.user, access.pool, "orphan"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert holder.stdin is not None and holder.stdout is not None
-    holder.stdin.write(access.key.get_secret_value() + "\n")
-    holder.stdin.flush()
-    assert holder.stdout.readline().strip() == "locked"
+    holder = child(HOLD_LOCK, access, "orphan", says="locked")
     holder.kill()
     holder.wait()
     with rbd.RbdCluster(access) as cluster:
@@ -147,15 +154,7 @@ def test_a_completed_write_outlives_the_process_that_made_it(
     cache turns to write-back at the first flush.)"""
     with rbd.RbdCluster(access) as cluster:
         cluster.create("durable", 4 * MiB)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", WRITE_THEN_WAIT, access.monitors, access.user, access.pool,
-         "durable"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert writer.stdin is not None and writer.stdout is not None
-    writer.stdin.write(access.key.get_secret_value() + "\n")
-    writer.stdin.flush()
-    assert writer.stdout.readline().strip() == "written"
+    writer = child(WRITE_THEN_WAIT, access, "durable", says="written")
     writer.kill()
     writer.wait()
     exported = tmp_path / "durable"
