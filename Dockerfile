@@ -23,13 +23,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 # gcc, libc headers, the kernel UAPI headers (<linux/vduse.h>, <linux/vdpa.h>,
-# <linux/virtio_blk.h>) and liburing's (io_uring for the file backend): needed to build only, never copied into the runtime stage. Python's
+# <linux/virtio_blk.h>), liburing's (io_uring for the file backend) and librbd's (the Ceph RBD
+# backend): needed to build only, never copied into the runtime stage. Python's
 # own headers come with the python: image; Debian's python3 needs python3-dev for them.
 RUN include=$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))') \
     && if [ -e "$include/Python.h" ]; then python_dev=; else python_dev=python3-dev; fi \
     && apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev linux-libc-dev liburing-dev \
-        $python_dev \
+        librbd-dev $python_dev \
     && rm -rf /var/lib/apt/lists/*
 
 # pip runs from a virtual environment: the same on both bases, and Debian's python3 has no pip
@@ -46,7 +47,8 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
     && pip wheel --wheel-dir /wheels /wheels/csi_vduse-*.whl
 
 ############################################################################################
-# runtime: the wheels, liburing (the file backend's io_uring) and the tools the plugin runs:
+# runtime: the wheels, liburing (the file backend's io_uring), librbd1 (the RBD backend) and
+# the tools the plugin runs:
 # mount/umount/blkid (util-linux, mount), mkfs.ext4/resize2fs (e2fsprogs),
 # mkfs.xfs/xfs_growfs (xfsprogs), vdpa (iproute2, optional, for people debugging a node).
 # No compiler, no headers, no pip cache.
@@ -75,6 +77,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         e2fsprogs \
         iproute2 \
+        librbd1 \
         liburing2 \
         mount \
         util-linux \
@@ -89,11 +92,12 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && /opt/csi-vduse/bin/pip install --no-cache-dir --no-index --find-links=/wheels csi-vduse
 ENV PATH=/opt/csi-vduse/bin:$PATH
 
-# Smoke test: the command runs, the compiled extension (with io_uring built in) and the
+# Smoke test: the command runs, the compiled extension (with io_uring and RBD built in) and the
 # generated gRPC modules import, and every tool the plugin calls is on PATH.
 RUN csi-vduse --version \
     && python -c "import csi_vduse._native, csi_vduse.csi.proto.csi_pb2_grpc, csi_vduse.cluster.agent" \
     && python -c "from csi_vduse._native import ffi, lib; assert lib.dp_file_uring_ops.aio_open != ffi.NULL" \
+    && python -c "from csi_vduse.backends import rbd; assert rbd.available()" \
     && for tool in mount umount blkid mkfs.ext4 resize2fs mkfs.xfs xfs_growfs vdpa; do \
          command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }; \
        done

@@ -1,9 +1,13 @@
 """The Controller service of a cluster: one leader-elected instance for every node.
 
-It never touches a volume. Each call writes its intent into a VduseVolume or VduseSnapshot
-(cluster/resources.py) and waits, a bounded time, for the agent of the volume's node to
-report; a call that outlives the wait is ABORTED and the sidecar's retry finds the same
-object. Nothing here reaches a node directly."""
+It never touches a node-local volume. Each call writes its intent into a VduseVolume or
+VduseSnapshot (cluster/resources.py) and waits, a bounded time, for the agent of the
+volume's node to report; a call that outlives the wait is ABORTED and the sidecar's retry
+finds the same object. Nothing here reaches a node directly.
+
+An RBD volume belongs to no node: the controller creates, grows and removes its image with
+the call's secret, and keeps a VduseVolume with an empty node (no agent's) for ListVolumes
+and ControllerGetVolume, which bring no secret."""
 
 from __future__ import annotations
 
@@ -37,11 +41,13 @@ from csi_vduse.csi.controller import (
     paginate,
     unservable,
     validation,
+    volume_context,
 )
 from csi_vduse.csi.errors import rpc
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from csi_vduse.lifecycle import rbd_volumes
 from csi_vduse.lifecycle.capacity import pick_capacity
 from csi_vduse.lifecycle.provisioning import (
     Source,
@@ -52,9 +58,17 @@ from csi_vduse.lifecycle.provisioning import (
     volume_id_or_raise,
 )
 from csi_vduse.state.snapshots import check_snapshot_id, snapshot_id_for
-from csi_vduse.state.volumes import InvalidId, volume_id_for
+from csi_vduse.state.volumes import (
+    InvalidId,
+    VolumeParams,
+    VolumeRecord,
+    rbd_image_of,
+    rbd_volume_id_for,
+    volume_id_for,
+)
 
 POLL_SECONDS = 0.25
+ANY_NODE = ""  # the node of an RBD volume's object: any node stages it, no agent owns it
 
 
 def choose_node(
@@ -111,7 +125,7 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             volume_id=obj["metadata"]["name"],
             capacity_bytes=int(status.get("capacityBytes", 0)),
             volume_context=status.get("volumeContext") or {},
-            accessible_topology=[self._topology(node_of(obj))],
+            accessible_topology=[self._topology(node)] if (node := node_of(obj)) else [],
         )  # fmt: skip
         source = spec.get("source")
         if source and source["kind"] == "snapshot":
@@ -158,6 +172,8 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         obj = self.resources.get(plural, source_id) if _valid_id(kind, source_id) else None
         if obj is None or not status_of(obj).get("ready"):
             raise NotFound(f"{kind} {source_id} does not exist")
+        if node_of(obj) == ANY_NODE:
+            raise InvalidArgument(f"rbd volume {source_id} has no snapshots or clones yet")
         return node_of(obj)
 
     def _available(self) -> dict[str, int]:
@@ -169,9 +185,7 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         check_name(request.name)
         accesses = capabilities.parse_all(request.volume_capabilities)
         params = parse_parameters(dict(request.parameters))
-        if params.backend == "rbd":
-            raise InvalidArgument("backend=rbd is served with --controller-scope=node for now")
-        parse_qos(
+        qos = parse_qos(
             dict(request.mutable_parameters), parse_qos(dict(request.parameters), only_qos=False)
         )
         for access in accesses:
@@ -179,6 +193,15 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
                 raise InvalidArgument(reason)
         required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         source = content_source(request) if request.HasField("volume_content_source") else None
+        if params.backend == "rbd":
+            if source is not None:
+                raise InvalidArgument("rbd volumes are not made from snapshots or volumes yet")
+            record = VolumeRecord(
+                volume_id=rbd_volume_id_for(request.name, params.pool or ""), name=request.name,
+                capacity=pick_capacity(required, limit), params=params, qos=qos,
+                created_at=time.time(),
+            )  # fmt: skip
+            return pb.CreateVolumeResponse(volume=self._create_rbd(record, request))
         if source is None:
             pick_capacity(required, limit)
         volume_id = volume_id_for(request.name)
@@ -212,9 +235,46 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             )
         return pb.CreateVolumeResponse(volume=self._volume(obj))
 
+    def _create_rbd(self, record: VolumeRecord, request: Any) -> pb.Volume:
+        """The image first (its metadata is the record), then the object that lists it."""
+        params: VolumeParams = record.params
+        access = rbd_volumes.access_from(dict(request.secrets), params.pool or "", "provisioner")
+        limit = request.capacity_range.limit_bytes
+        record = rbd_volumes.create(record, access)
+        if limit and record.capacity > limit:
+            raise AlreadyExists(f"volume {record.name} exists with {record.capacity} bytes")
+        spec = {
+            "node": ANY_NODE, "name": record.name,
+            "requiredBytes": request.capacity_range.required_bytes, "limitBytes": limit,
+            "parameters": dict(request.parameters),
+            "mutableParameters": dict(request.mutable_parameters),
+        }  # fmt: skip
+        self.resources.create(VOLUMES, body("VduseVolume", record.volume_id, ANY_NODE, spec))
+        return self._volume(self._report_rbd(record))
+
+    def _report_rbd(self, record: VolumeRecord) -> Object:
+        """The status an agent would write, written by the controller for an RBD volume."""
+        obj = self.resources.get(VOLUMES, record.volume_id)
+        if obj is None:
+            raise Aborted(f"{record.volume_id} is being deleted")
+        status = {
+            "observedGeneration": obj["metadata"]["generation"], "ready": True, "code": "OK",
+            "capacityBytes": record.capacity, "volumeContext": volume_context(record),
+        }  # fmt: skip
+        patched = self.resources.patch(VOLUMES, record.volume_id, {"status": status}, status=True)
+        if patched is None:
+            raise Aborted(f"{record.volume_id} is being deleted")
+        return patched
+
     @rpc
     def DeleteVolume(self, request: Any, context: Any) -> pb.DeleteVolumeResponse:
-        if volume_id_or_raise(request.volume_id):
+        if not volume_id_or_raise(request.volume_id):
+            return pb.DeleteVolumeResponse()
+        if (rbd := rbd_image_of(request.volume_id)) is not None:
+            access = rbd_volumes.access_from(dict(request.secrets), rbd[0], "provisioner")
+            rbd_volumes.delete(request.volume_id, access)
+            self.resources.delete(VOLUMES, request.volume_id)
+        else:
             self._delete(VOLUMES, request.volume_id)
         return pb.DeleteVolumeResponse()
 
@@ -317,11 +377,27 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             capabilities.parse(request.volume_capability)
         required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         pick_capacity(required, limit)
+        if (rbd := rbd_image_of(request.volume_id)) is not None:
+            return self._expand_rbd(request.volume_id, rbd[0], required, limit, request.secrets)
         obj = self._change(
             request.volume_id, {"expansion": {"requiredBytes": required, "limitBytes": limit}}
         )
         return pb.ControllerExpandVolumeResponse(
             capacity_bytes=int(status_of(obj)["capacityBytes"]), node_expansion_required=True
+        )
+
+    def _expand_rbd(
+        self, volume_id: str, pool: str, required: int, limit: int, secrets: Any
+    ) -> pb.ControllerExpandVolumeResponse:
+        access = rbd_volumes.access_from(dict(secrets), pool, "controller-expand")
+        record = rbd_volumes.fetch(volume_id, access)
+        capacity = pick_capacity(required, limit, default=record.capacity)
+        if capacity > record.capacity:
+            record = rbd_volumes.grow(record, capacity, access)
+        if self.resources.get(VOLUMES, volume_id) is not None:
+            self._report_rbd(record)
+        return pb.ControllerExpandVolumeResponse(
+            capacity_bytes=record.capacity, node_expansion_required=True
         )
 
     @rpc
@@ -332,6 +408,8 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             raise InvalidArgument("volume_id is required")
         mutable = dict(request.mutable_parameters)
         parse_qos(mutable)  # refused here, before anything is written
+        if rbd_image_of(request.volume_id) is not None:
+            raise InvalidArgument("the QoS of an rbd volume is set at creation only, for now")
         self._change(request.volume_id, {"mutableParameters": mutable})
         return pb.ControllerModifyVolumeResponse()
 

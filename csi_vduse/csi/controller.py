@@ -55,9 +55,7 @@ class ControllerService(rpc_pb.ControllerServicer):
     def _volume(self, record: VolumeRecord) -> pb.Volume:
         volume = pb.Volume(
             volume_id=record.volume_id, capacity_bytes=record.capacity,
-            volume_context={"queues": str(record.params.queues),
-                            "queueSize": str(record.params.queue_size),
-                            "provisioning": record.params.provisioning},
+            volume_context=volume_context(record),
             accessible_topology=[] if record.params.backend == "rbd" else [self._topology()],
         )  # fmt: skip
         if record.source is not None:
@@ -255,6 +253,13 @@ def validation(own: VolumeParams, request: Any) -> pb.ValidateVolumeCapabilities
         parameters=request.parameters,
     )
     return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+
+def volume_context(record: VolumeRecord) -> dict[str, str]:
+    return {
+        "queues": str(record.params.queues), "queueSize": str(record.params.queue_size),
+        "provisioning": record.params.provisioning,
+    }  # fmt: skip
 
 
 def unservable(request: Any) -> bool:

@@ -6,10 +6,11 @@ helm CLI, in the VDUSE lab."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import yaml
 from kubernetes import client, config
 from kubernetes.stream import stream
 
+from csi_vduse.state.volumes import rbd_image_of
+from tests.ceph.cluster import CephCluster
 from tests.cluster.images import image_reference
 from tests.cluster.node import NODE_NAME, Node
 from tests.cluster.prepare import snapshot_crds
@@ -32,6 +35,8 @@ EXAMPLE_IMAGE = "busybox:1.36.1"  # the examples name Docker Hub's; the lab has 
 QOS_CLASSES = {"vduse-slow": 100, "vduse-fast": 250}  # write IOPS
 TOPOLOGY_KEY = f"topology.{DRIVER}/node"
 NODE_B = "vduse-node-b"
+RBD_CLASS, RBD_SECRET = "vduse-rbd", "vduse-ceph"
+SCRATCH = Path(os.environ.get("LAB_SCRATCH", "/run/scratch"))
 
 
 class Cluster:
@@ -119,7 +124,11 @@ def chart_values(k8s: Cluster, **extra: Any) -> list[str]:
         repository, tag = k8s.images[name].rsplit(":", 1)
         return {"repository": repository, "tag": tag, "pullPolicy": "Never"}
 
+    chart_defaults = yaml.safe_load((REPO / "charts" / "csi-vduse" / "values.yaml").read_text())
+    rbd_class = {"name": RBD_CLASS, "parameters": {"backend": "rbd", "pool": "rbd"},
+                 "secret": {"name": RBD_SECRET, "namespace": "default"}}  # fmt: skip
     values = {
+        "storageClasses": [*chart_defaults["storageClasses"], rbd_class],
         "kubeletDir": str(k8s.node.kubelet_dir),
         "dataDir": str(k8s.node.workdir / "csi-vduse-data"),
         "images": {"plugin": image("csi-vduse"), "provisioner": image("csi-provisioner"),
@@ -485,6 +494,75 @@ def test_5c_a_snapshot_under_write_load_restores_clean_and_a_clone_reads(k8s: Cl
     wait("the restored volume to be unstaged", lambda: not staged.exists())
     check = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.fixture(scope="module")
+def ceph() -> Iterator[CephCluster]:
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    with CephCluster(parent=SCRATCH) as cluster:
+        yield cluster
+
+
+def test_5d_an_rbd_claim_serves_pods_and_grows_through_the_chart_class(
+    k8s: Cluster, ceph: CephCluster
+) -> None:
+    """The chart's backend=rbd class, its Secret named for provisioning, expansion and
+    staging: the claim binds at once to an image in the pool with no node affinity; what one
+    pod wrote another reads after it, the file system grows under a running pod, and
+    deleting the claim removes the image."""
+    assert ceph.pool == "rbd"  # the class in chart_values names it
+    k8s.core.create_namespaced_secret("default", {"metadata": {"name": RBD_SECRET}, "stringData": {
+        "monitors": ceph.monitors, "userID": ceph.user, "userKey": ceph.key}})  # fmt: skip
+    try:
+        pvc = claim("vduse-rbd", "64Mi")
+        pvc["spec"]["storageClassName"] = RBD_CLASS
+        writer = yaml.safe_load(reader_pod(k8s, "vduse-rbd-writer", "vduse-rbd"))
+        writer["spec"]["containers"][0]["command"] = [
+            "sh", "-c", "echo kept-in-ceph > /data/f && sync && sleep 3600"]  # fmt: skip
+        k8s.apply(yaml.safe_dump_all([pvc, writer]))
+        wait("the rbd claim to bind", lambda: k8s.core.read_namespaced_persistent_volume_claim(
+            "vduse-rbd", "default").status.phase == "Bound", timeout=180)  # fmt: skip
+        pv = k8s.core.read_persistent_volume(k8s.core.read_namespaced_persistent_volume_claim(
+            "vduse-rbd", "default").spec.volume_name)  # fmt: skip
+        assert pv.spec.node_affinity is None  # any node reaches the pool
+        handle = pv.spec.csi.volume_handle
+        pool, image = rbd_image_of(handle) or ("", "")
+        assert pool == "rbd" and image in ceph.rbd("ls", pool).split()
+        [obj] = [o for o in k8s.vduse_objects("vdusevolumes") if o["metadata"]["name"] == handle]
+        assert obj["spec"]["node"] == "" and obj["status"]["capacityBytes"] == 64 << 20
+
+        wait("the rbd writer to run", lambda: k8s.pod_phase("vduse-rbd-writer") == "Running")
+        wait("its file", lambda: k8s.exec("vduse-rbd-writer", "cat /data/f").strip()
+             == "kept-in-ceph")  # fmt: skip
+        record = ceph.rbd("image-meta", "get", f"{pool}/{image}", "csi-vduse.record")
+        assert json.loads(record)["formatted"] is True
+
+        def size() -> int:
+            return int(k8s.exec("vduse-rbd-writer", "df -k /data | tail -1").split()[1])
+
+        before = size()
+        k8s.core.patch_namespaced_persistent_volume_claim(
+            "vduse-rbd", "default", {"spec": {"resources": {"requests": {"storage": "128Mi"}}}}
+        )
+        wait("df to show the grown rbd volume", lambda: size() > 1.8 * before)
+        info = json.loads(ceph.rbd("info", f"{pool}/{image}", "--format", "json"))
+        assert info["size"] == 128 << 20
+
+        k8s.core.delete_namespaced_pod("vduse-rbd-writer", "default")
+        wait("the rbd writer to go", lambda: "vduse-rbd-writer" not in [
+            p.metadata.name for p in k8s.core.list_namespaced_pod("default").items])  # fmt: skip
+        k8s.apply(reader_pod(k8s, "vduse-rbd-reader", "vduse-rbd"))
+        wait("the rbd reader to run", lambda: k8s.pod_phase("vduse-rbd-reader") == "Running")
+        assert k8s.exec("vduse-rbd-reader", "cat /data/f").strip() == "kept-in-ceph"
+
+        k8s.core.delete_namespaced_pod("vduse-rbd-reader", "default")
+        k8s.core.delete_namespaced_persistent_volume_claim("vduse-rbd", "default")
+        wait("the rbd volume to be deleted", lambda: pv.metadata.name not in [
+            v.metadata.name for v in k8s.core.list_persistent_volume().items])  # fmt: skip
+        assert image not in ceph.rbd("ls", pool).split()
+        assert handle not in [o["metadata"]["name"] for o in k8s.vduse_objects("vdusevolumes")]
+    finally:
+        k8s.core.delete_namespaced_secret(RBD_SECRET, "default")
 
 
 def test_6_upgrade_to_changed_values(k8s: Cluster) -> None:

@@ -164,6 +164,11 @@ ALL_ON: Obj = {
                 "burstMilliseconds": "250",
             },
         },
+        {
+            "name": "vduse-rbd",
+            "parameters": {"backend": "rbd", "pool": "volumes", "queues": 2},
+            "secret": {"name": "ceph-csi", "namespace": "ceph"},
+        },
     ],
     "volumeAttributesClasses": [
         {"name": "vduse-gold", "parameters": {"readIOPS": 20000, "writeBytesPerSecond": "1Gi"}},
@@ -383,6 +388,9 @@ def test_kube_version_range_is_covered_by_the_schemas() -> None:
         ({"storageClasses": [{"name": "x", "parameters": {"queues": 65}}]}, "queues"),
         ({"storageClasses": [{"name": "x", "parameters": {"attach": "vhost"}}]}, "attach"),
         ({"storageClasses": [{"name": "x", "fsType": "btrfs"}]}, "fsType"),
+        ({"storageClasses": [{"name": "x", "parameters": {"backend": "ceph"}}]}, "backend"),
+        ({"storageClasses": [{"name": "x", "parameters": {"pool": "a/b"}}]}, "pool"),
+        ({"storageClasses": [{"name": "x", "secret": {"name": "s"}}]}, "namespace"),
         ({"storageClasses": [{"name": "x", "parameters": {"readIOPS": -1}}]}, "readIOPS"),
         (
             {"storageClasses": [{"name": "x", "parameters": {"writeBytesPerSecond": "fast"}}]},
@@ -771,7 +779,9 @@ def test_rbac_is_bound_to_the_pods_account_and_least_privilege(name: str) -> Non
     for role in roles.values():
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
-            assert "secrets" not in rule["resources"], "the driver uses no secrets"
+            if "secrets" in rule["resources"]:  # a class's CSI secrets, read by sidecars
+                assert rule["resources"] == ["secrets"] and rule["verbs"] == ["get"], rule
+                assert role["metadata"]["name"].endswith(("-provisioner", "-resizer")), role
     # the agents act on their objects and report; only the controller creates or deletes them
     (agent,) = [r for (_, n), r in roles.items() if n.endswith("-agent")]
     granted = rules_of(agent)
@@ -822,18 +832,36 @@ def test_storage_classes(name: str) -> None:
     for wanted in values["storageClasses"]:
         sc = classes[wanted["name"]]
         assert sc["provisioner"] == values["driverName"]
-        assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+        rbd = wanted.get("parameters", {}).get("backend") == "rbd"
+        assert sc["volumeBindingMode"] == ("Immediate" if rbd else "WaitForFirstConsumer")
         expand = wanted.get("allowVolumeExpansion", values["resizer"]["enabled"])
         assert sc["allowVolumeExpansion"] is expand
         params = sc.get("parameters", {})
         assert all(isinstance(v, str) for v in params.values())
         assert params.pop("csi.storage.k8s.io/fstype", None) == wanted.get("fsType")
+        secret = wanted.get("secret")
+        for use in ("provisioner", "controller-expand", "node-stage"):
+            prefix = f"csi.storage.k8s.io/{use}-secret"
+            name_, namespace = (
+                params.pop(f"{prefix}-name", None),
+                params.pop(f"{prefix}-namespace", None),
+            )
+            assert (name_, namespace) == (
+                (secret["name"], secret["namespace"]) if secret else (None, None)
+            )
         assert params == {k: str(v) for k, v in wanted.get("parameters", {}).items()}
         assert parse_parameters(params) and parse_qos(params, only_qos=False)  # all known
         default = (
             sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class")
         )
         assert default == ("true" if wanted.get("isDefault") else None)
+
+
+def test_an_rbd_class_names_its_secret() -> None:
+    values = {"storageClasses": [{"name": "x", "parameters": {"backend": "rbd", "pool": "p"}}]}
+    with pytest.raises(helm.HelmError) as err:
+        render(values)
+    assert "secret" in str(err.value)
 
 
 def test_default_storage_classes_cover_filesystem_and_block() -> None:
