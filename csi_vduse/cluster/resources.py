@@ -2,7 +2,8 @@
 
 A VduseVolume or VduseSnapshot is named by its CSI id and labelled with its node. The
 controller writes `spec`; only the agent of `spec.node` writes `status`, with the gRPC code
-of what it last did for `status.observedGeneration`. A VduseNode holds a node's free space.
+of what it last did for `status.observedGeneration` (an RBD volume's object has an empty
+node: no agent's, so the controller writes it). A VduseNode holds a node's free space.
 """
 
 from __future__ import annotations

@@ -88,6 +88,19 @@ class Cluster:
         selector = f"app.kubernetes.io/component={component}"
         return list(self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items)
 
+    def why(self, name: str) -> str:
+        """The events about an object and the controller's logs, for a failure's message."""
+        events = self.core.list_namespaced_event("default", field_selector=(
+            f"involvedObject.name={name}")).items  # fmt: skip
+        lines = [f"event {e.reason}: {e.message}" for e in events]
+        for pod in self.plugin_pods("controller"):
+            for container in pod.spec.containers:
+                log = self.core.read_namespaced_pod_log(
+                    pod.metadata.name, NAMESPACE, container=container.name, tail_lines=30
+                )
+                lines.append(f"--- {container.name}\n{log}")
+        return "\n".join(lines)
+
     def vduse_objects(self, plural: str) -> list[Any]:
         found = self.custom.list_cluster_custom_object("vduse.csi.dev", "v1alpha1", plural)
         return list(found["items"])
@@ -520,8 +533,11 @@ def test_5d_an_rbd_claim_serves_pods_and_grows_through_the_chart_class(
         writer["spec"]["containers"][0]["command"] = [
             "sh", "-c", "echo kept-in-ceph > /data/f && sync && sleep 3600"]  # fmt: skip
         k8s.apply(yaml.safe_dump_all([pvc, writer]))
-        wait("the rbd claim to bind", lambda: k8s.core.read_namespaced_persistent_volume_claim(
-            "vduse-rbd", "default").status.phase == "Bound", timeout=180)  # fmt: skip
+        try:
+            wait("the rbd claim to bind", lambda: k8s.core.read_namespaced_persistent_volume_claim(
+                "vduse-rbd", "default").status.phase == "Bound", timeout=300)  # fmt: skip
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{k8s.why('vduse-rbd')}\n{ceph.log_tail()}") from None
         pv = k8s.core.read_persistent_volume(k8s.core.read_namespaced_persistent_volume_claim(
             "vduse-rbd", "default").spec.volume_name)  # fmt: skip
         assert pv.spec.node_affinity is None  # any node reaches the pool

@@ -790,7 +790,9 @@ def test_rbac_is_bound_to_the_pods_account_and_least_privilege(name: str) -> Non
     assert {g for g, _ in granted} == {"vduse.csi.dev"}
     (ctl,) = [r for (_, n), r in roles.items() if n.endswith("-controller")]
     assert "delete" in rules_of(ctl)[("vduse.csi.dev", "vdusevolumes")]
-    assert ("vduse.csi.dev", "vdusevolumes/status") not in rules_of(ctl)
+    # only an RBD volume's status (its object has no node, so no agent)
+    assert rules_of(ctl)[("vduse.csi.dev", "vdusevolumes/status")] == {"patch"}
+    assert ("vduse.csi.dev", "vdusesnapshots/status") not in rules_of(ctl)
 
 
 def test_crds_are_what_the_code_reads_and_writes() -> None:
