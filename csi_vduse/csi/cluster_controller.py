@@ -58,14 +58,7 @@ from csi_vduse.lifecycle.provisioning import (
     volume_id_or_raise,
 )
 from csi_vduse.state.snapshots import check_snapshot_id, snapshot_id_for
-from csi_vduse.state.volumes import (
-    InvalidId,
-    VolumeParams,
-    VolumeRecord,
-    rbd_image_of,
-    rbd_volume_id_for,
-    volume_id_for,
-)
+from csi_vduse.state.volumes import InvalidId, VolumeRecord, rbd_image_of, volume_id_for
 
 POLL_SECONDS = 0.25
 ANY_NODE = ""  # the node of an RBD volume's object: any node stages it, no agent owns it
@@ -196,12 +189,10 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         if params.backend == "rbd":
             if source is not None:
                 raise InvalidArgument("rbd volumes are not made from snapshots or volumes yet")
-            record = VolumeRecord(
-                volume_id=rbd_volume_id_for(request.name, params.pool or ""), name=request.name,
-                capacity=pick_capacity(required, limit), params=params, qos=qos,
-                created_at=time.time(),
-            )  # fmt: skip
-            return pb.CreateVolumeResponse(volume=self._create_rbd(record, request))
+            record = rbd_volumes.provision(
+                request.name, required, limit, params, qos, dict(request.secrets)
+            )
+            return pb.CreateVolumeResponse(volume=self._list_rbd(record, request))
         if source is None:
             pick_capacity(required, limit)
         volume_id = volume_id_for(request.name)
@@ -235,17 +226,12 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             )
         return pb.CreateVolumeResponse(volume=self._volume(obj))
 
-    def _create_rbd(self, record: VolumeRecord, request: Any) -> pb.Volume:
-        """The image first (its metadata is the record), then the object that lists it."""
-        params: VolumeParams = record.params
-        access = rbd_volumes.access_from(dict(request.secrets), params.pool or "", "provisioner")
-        limit = request.capacity_range.limit_bytes
-        record = rbd_volumes.create(record, access)
-        if limit and record.capacity > limit:
-            raise AlreadyExists(f"volume {record.name} exists with {record.capacity} bytes")
+    def _list_rbd(self, record: VolumeRecord, request: Any) -> pb.Volume:
+        """The object that lists an RBD volume, once its image (and record) exists."""
         spec = {
             "node": ANY_NODE, "name": record.name,
-            "requiredBytes": request.capacity_range.required_bytes, "limitBytes": limit,
+            "requiredBytes": request.capacity_range.required_bytes,
+            "limitBytes": request.capacity_range.limit_bytes,
             "parameters": dict(request.parameters),
             "mutableParameters": dict(request.mutable_parameters),
         }  # fmt: skip
@@ -377,27 +363,19 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             capabilities.parse(request.volume_capability)
         required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         pick_capacity(required, limit)
-        if (rbd := rbd_image_of(request.volume_id)) is not None:
-            return self._expand_rbd(request.volume_id, rbd[0], required, limit, request.secrets)
+        if rbd_image_of(request.volume_id) is not None:
+            record, _ = rbd_volumes.expand(request.volume_id, required, limit,
+                                           dict(request.secrets))  # fmt: skip
+            if self.resources.get(VOLUMES, request.volume_id) is not None:
+                self._report_rbd(record)
+            return pb.ControllerExpandVolumeResponse(
+                capacity_bytes=record.capacity, node_expansion_required=True
+            )
         obj = self._change(
             request.volume_id, {"expansion": {"requiredBytes": required, "limitBytes": limit}}
         )
         return pb.ControllerExpandVolumeResponse(
             capacity_bytes=int(status_of(obj)["capacityBytes"]), node_expansion_required=True
-        )
-
-    def _expand_rbd(
-        self, volume_id: str, pool: str, required: int, limit: int, secrets: Any
-    ) -> pb.ControllerExpandVolumeResponse:
-        access = rbd_volumes.access_from(dict(secrets), pool, "controller-expand")
-        record = rbd_volumes.fetch(volume_id, access)
-        capacity = pick_capacity(required, limit, default=record.capacity)
-        if capacity > record.capacity:
-            record = rbd_volumes.grow(record, capacity, access)
-        if self.resources.get(VOLUMES, volume_id) is not None:
-            self._report_rbd(record)
-        return pb.ControllerExpandVolumeResponse(
-            capacity_bytes=record.capacity, node_expansion_required=True
         )
 
     @rpc

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -253,17 +252,9 @@ class Provisioner:
         if source is not None:
             raise InvalidArgument("rbd volumes are not made from snapshots or volumes yet")
         assert params.pool is not None
-        access = rbd_volumes.access_from(secrets or {}, params.pool, "provisioner")
-        volume_id = rbd_volume_id_for(name, params.pool)
-        self.store.ensure()
-        with self.locks.hold(volume_id):
-            record = VolumeRecord(
-                volume_id=volume_id, name=name, capacity=pick_capacity(required, limit),
-                params=params, qos=qos, created_at=time.time(),
-            )  # fmt: skip
-            record = rbd_volumes.create(record, access)
-            if limit and record.capacity > limit:
-                raise AlreadyExists(f"volume {name} exists with {record.capacity} bytes")
+        with self.locks.hold(rbd_volume_id_for(name, params.pool)):
+            record = rbd_volumes.provision(name, required, limit, params, qos, secrets or {})
+            self.store.ensure()
             self.store.put(record)
             return record
 
@@ -363,20 +354,17 @@ class Provisioner:
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist")
         with self.locks.hold(volume_id):
-            rbd = rbd_image_of(volume_id)
             record = self._get(volume_id)
-            if record is None and rbd is None:
+            if rbd_image_of(volume_id) is not None:
+                record, grown = rbd_volumes.expand(volume_id, required, limit, secrets or {},
+                                                   record)  # fmt: skip
+                if grown:
+                    self.store.put(record)
+                return record
+            if record is None:
                 raise NotFound(f"volume {volume_id} does not exist")
-            if rbd is not None:
-                access = rbd_volumes.access_from(secrets or {}, rbd[0], "controller-expand")
-                record = record or rbd_volumes.fetch(volume_id, access)
-            assert record is not None
             capacity = pick_capacity(required, limit, default=record.capacity)
             if capacity <= record.capacity:
-                return record
-            if rbd is not None:
-                record = rbd_volumes.grow(record, capacity, access)
-                self.store.put(record)
                 return record
             image = self.store.image(volume_id)
             with exclusive(self.space):

@@ -6,6 +6,7 @@ own records, which is what ListVolumes and the node's calls read."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,6 +14,7 @@ from pydantic import SecretStr, ValidationError
 
 from csi_vduse.backends.base import BackendError
 from csi_vduse.backends.rbd import ImageBusy, NoSuchImage, RbdAccess, RbdBackend, RbdCluster
+from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -20,7 +22,8 @@ from csi_vduse.errors import (
     NotFound,
     Unavailable,
 )
-from csi_vduse.state.volumes import VolumeRecord, rbd_image_of
+from csi_vduse.lifecycle.capacity import pick_capacity
+from csi_vduse.state.volumes import VolumeParams, VolumeRecord, rbd_image_of, rbd_volume_id_for
 
 log = logging.getLogger(__name__)
 # The keys of the Secret, as ceph-csi names them (monitors: comma-separated addresses)
@@ -109,6 +112,39 @@ def create(record: VolumeRecord, access: RbdAccess) -> VolumeRecord:
             raise Unavailable(str(e)) from None
         log.info("%s: created rbd image %s/%s", record.volume_id, access.pool, image)
         return record
+
+
+def provision(
+    name: str, required: int, limit: int, params: VolumeParams, qos: QosLimits,
+    secrets: dict[str, str],
+) -> VolumeRecord:  # fmt: skip
+    """CreateVolume of an RBD volume, with the provisioner secret: the image made, or the
+    one a previous call made when it fits."""
+    assert params.pool is not None
+    access = access_from(secrets, params.pool, "provisioner")
+    record = VolumeRecord(
+        volume_id=rbd_volume_id_for(name, params.pool), name=name,
+        capacity=pick_capacity(required, limit), params=params, qos=qos, created_at=time.time(),
+    )  # fmt: skip
+    record = create(record, access)
+    if limit and record.capacity > limit:
+        raise AlreadyExists(f"volume {name} exists with {record.capacity} bytes")
+    return record
+
+
+def expand(
+    volume_id: str, required: int, limit: int, secrets: dict[str, str],
+    known: VolumeRecord | None = None,
+) -> tuple[VolumeRecord, bool]:  # fmt: skip
+    """ControllerExpandVolume of an RBD volume, with the controller-expand secret: the record
+    (`known`, else the image's) and whether the image grew."""
+    pool, _ = target(volume_id)
+    access = access_from(secrets, pool, "controller-expand")
+    record = known or fetch(volume_id, access)
+    capacity = pick_capacity(required, limit, default=record.capacity)
+    if capacity <= record.capacity:
+        return record, False
+    return grow(record, capacity, access), True
 
 
 def delete(volume_id: str, access: RbdAccess) -> None:

@@ -227,15 +227,21 @@ def test_3_block_claim_reads_back_what_it_wrote(k8s: Cluster) -> None:
     assert written == read
 
 
-def test_4_a_filesystem_grows_while_its_pod_runs(k8s: Cluster) -> None:
-    def size() -> int:
-        return int(k8s.exec("vduse-fs-reader", "df -k /data | tail -1").split()[1])
+def grow_under_pod(k8s: Cluster, pod: str, claim_name: str, size: str) -> None:
+    """Asks for a larger claim and waits for the pod's df at /data to show it (>1.8x)."""
 
-    before = size()
+    def blocks() -> int:
+        return int(k8s.exec(pod, "df -k /data | tail -1").split()[1])
+
+    before = blocks()
     k8s.core.patch_namespaced_persistent_volume_claim(
-        "vduse-fs", "default", {"spec": {"resources": {"requests": {"storage": "2Gi"}}}}
+        claim_name, "default", {"spec": {"resources": {"requests": {"storage": size}}}}
     )
-    wait("df to show the new size", lambda: size() > 1.8 * before)
+    wait(f"df in {pod} to show {claim_name} grown", lambda: blocks() > 1.8 * before)
+
+
+def test_4_a_filesystem_grows_while_its_pod_runs(k8s: Cluster) -> None:
+    grow_under_pod(k8s, "vduse-fs-reader", "vduse-fs", "2Gi")
 
 
 def test_4b_a_claim_on_another_node_grows_and_changes_class_through_its_agent(
@@ -553,14 +559,7 @@ def test_5d_an_rbd_claim_serves_pods_and_grows_through_the_chart_class(
         record = ceph.rbd("image-meta", "get", f"{pool}/{image}", "csi-vduse.record")
         assert json.loads(record)["formatted"] is True
 
-        def size() -> int:
-            return int(k8s.exec("vduse-rbd-writer", "df -k /data | tail -1").split()[1])
-
-        before = size()
-        k8s.core.patch_namespaced_persistent_volume_claim(
-            "vduse-rbd", "default", {"spec": {"resources": {"requests": {"storage": "128Mi"}}}}
-        )
-        wait("df to show the grown rbd volume", lambda: size() > 1.8 * before)
+        grow_under_pod(k8s, "vduse-rbd-writer", "vduse-rbd", "128Mi")
         info = json.loads(ceph.rbd("info", f"{pool}/{image}", "--format", "json"))
         assert info["size"] == 128 << 20
 
