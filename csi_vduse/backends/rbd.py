@@ -80,6 +80,8 @@ class RbdCluster:
             return False
         if r == -errno.EBUSY:
             raise ImageBusy(f"rbd image {self.access.pool}/{image} is open (it has watchers)")
+        if r == -errno.ENOTEMPTY:
+            raise ImageHasSnapshots(f"rbd image {self.access.pool}/{image} has snapshots")
         if r < 0:
             raise BackendError(f"removing rbd image {self.access.pool}/{image}: "
                                f"{os.strerror(-r)}")  # fmt: skip
@@ -106,6 +108,98 @@ class RbdCluster:
                             ffi.NULL, ffi.NULL)  # fmt: skip
         if r < 0:
             raise _meta_error(r, f"{self.access.pool}/{image}")
+
+    def snap_create(self, image: str, snap: str) -> int:
+        """Takes snapshot `snap` of the image (one of that name is kept) and returns the
+        image's size at it."""
+        size = ffi.new("uint64_t *")
+        r = lib.dp_rbd_snap_create(self._native, image.encode(), snap.encode(), size)
+        if r < 0:
+            raise self._error(r, f"snapshotting rbd image {self.access.pool}/{image}")
+        return int(size[0])
+
+    def snap_remove(self, image: str, snap: str) -> None:
+        """Removes the snapshot, if there is one (one clones still need goes to the image's
+        trash namespace until they are gone)."""
+        r = lib.dp_rbd_snap_remove(self._native, image.encode(), snap.encode())
+        if r < 0:
+            raise self._error(r, f"removing snapshot {snap} of rbd image "
+                                 f"{self.access.pool}/{image}")  # fmt: skip
+
+    def snap_names(self, image: str) -> list[str]:
+        size = 4096
+        while True:
+            out, outlen = ffi.new("char[]", size), ffi.new("size_t *", size)
+            r = lib.dp_rbd_snap_names(self._native, image.encode(), out, outlen)
+            if r == -errno.ERANGE and outlen[0] > size:
+                size = int(outlen[0])
+                continue
+            if r < 0:
+                raise self._error(r, f"listing the snapshots of rbd image "
+                                     f"{self.access.pool}/{image}")  # fmt: skip
+            raw = bytes(ffi.buffer(out, outlen[0]))
+            return [name.decode() for name in raw.split(b"\0") if name]
+
+    def clone(self, parent: str, snap: str, child: str) -> None:
+        r = lib.dp_rbd_clone(self._native, parent.encode(), snap.encode(), child.encode())
+        if r < 0:
+            raise self._error(r, f"cloning rbd image {self.access.pool}/{parent}@{snap} "
+                                 f"into {child}")  # fmt: skip
+
+    def parent(self, image: str | None = None, image_id: str | None = None,
+               prefix: str = "") -> tuple[str, bool, bool] | None:  # fmt: skip
+        """(id, in the trash, named with `prefix`) of the parent of the image named `image`
+        or with id `image_id`; None when it has no parent (or is gone)."""
+        out = ffi.new("char[]", ERROR_BYTES)
+        trash, ours = ffi.new("bool *"), ffi.new("bool *")
+        r = lib.dp_rbd_parent(
+            self._native, image.encode() if image else ffi.NULL,
+            image_id.encode() if image_id else ffi.NULL, prefix.encode(), out, ERROR_BYTES,
+            trash, ours,
+        )  # fmt: skip
+        if r == -errno.ENOENT:
+            return None
+        if r < 0:
+            raise self._error(r, f"reading the parent of rbd image {image or image_id}")
+        return ffi.string(out).decode(), bool(trash[0]), bool(ours[0])
+
+    def trash_move(self, image: str) -> None:
+        r = lib.dp_rbd_trash_move(self._native, image.encode())
+        if r < 0:
+            raise self._error(r, f"moving rbd image {self.access.pool}/{image} to the trash")
+
+    def trash_remove(self, image_id: str) -> bool:
+        """Removes the image from the trash; False while it still has snapshots (or
+        watchers) and is left there."""
+        r = lib.dp_rbd_trash_remove(self._native, image_id.encode())
+        if r in (-errno.ENOTEMPTY, -errno.EBUSY, -errno.ENOENT):
+            return False
+        if r < 0:
+            raise self._error(r, f"removing image {image_id} from the trash of pool "
+                                 f"{self.access.pool}")  # fmt: skip
+        return True
+
+    def get_pool_meta(self, key: str) -> str | None:
+        return _get_meta(lambda *a: lib.dp_rbd_pool_meta(self._native, *a), key,
+                         f"pool {self.access.pool}")  # fmt: skip
+
+    def set_pool_meta(self, key: str, value: str) -> None:
+        r = lib.dp_rbd_pool_meta(self._native, key.encode(), value.encode(), ffi.NULL, ffi.NULL)
+        if r < 0:
+            raise self._error(r, f"pool {self.access.pool} metadata")
+
+    def remove_pool_meta(self, key: str) -> None:
+        r = lib.dp_rbd_pool_meta(self._native, key.encode(), ffi.NULL, ffi.NULL, ffi.NULL)
+        if r < 0 and r != -errno.ENOENT:
+            raise self._error(r, f"pool {self.access.pool} metadata")
+
+    @staticmethod
+    def _error(r: int, what: str) -> BackendError:
+        if r == -errno.ENOENT:
+            return NoSuchImage(f"{what}: no such image")
+        if r == -errno.EBUSY:
+            return ImageBusy(f"{what}: {os.strerror(-r)}")
+        return BackendError(f"{what}: {os.strerror(-r)}")
 
     def native(self) -> Any:
         return self._native
@@ -217,6 +311,10 @@ class NoSuchImage(BackendError):
 
 class ImageBusy(BackendError):
     """A client has the image open."""
+
+
+class ImageHasSnapshots(BackendError):
+    """The image has snapshots (perhaps only trashed ones that clones need)."""
 
 
 def _meta_error(r: int, where: str) -> BackendError:

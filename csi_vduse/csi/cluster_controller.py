@@ -47,18 +47,22 @@ from csi_vduse.csi.errors import rpc
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from csi_vduse.lifecycle import rbd_volumes
+from csi_vduse.lifecycle import rbd_snapshots, rbd_volumes
 from csi_vduse.lifecycle.capacity import pick_capacity
 from csi_vduse.lifecycle.provisioning import (
-    Source,
     check_name,
     fit_reason,
     parse_parameters,
     parse_qos,
     volume_id_or_raise,
 )
-from csi_vduse.state.snapshots import check_snapshot_id, snapshot_id_for
-from csi_vduse.state.volumes import InvalidId, VolumeRecord, rbd_image_of, volume_id_for
+from csi_vduse.state.snapshots import (
+    SnapshotRecord,
+    check_snapshot_id,
+    rbd_snapshot_of,
+    snapshot_id_for,
+)
+from csi_vduse.state.volumes import InvalidId, Source, VolumeRecord, rbd_image_of, volume_id_for
 
 POLL_SECONDS = 0.25
 ANY_NODE = ""  # the node of an RBD volume's object: any node stages it, no agent owns it
@@ -166,7 +170,9 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         if obj is None or not status_of(obj).get("ready"):
             raise NotFound(f"{kind} {source_id} does not exist")
         if node_of(obj) == ANY_NODE:
-            raise InvalidArgument(f"rbd volume {source_id} has no snapshots or clones yet")
+            raise InvalidArgument(
+                f"the {kind} {source_id} is an rbd one: it makes rbd volumes only"
+            )
         return node_of(obj)
 
     def _available(self) -> dict[str, int]:
@@ -187,10 +193,8 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         source = content_source(request) if request.HasField("volume_content_source") else None
         if params.backend == "rbd":
-            if source is not None:
-                raise InvalidArgument("rbd volumes are not made from snapshots or volumes yet")
             record = rbd_volumes.provision(
-                request.name, required, limit, params, qos, dict(request.secrets)
+                request.name, required, limit, params, qos, dict(request.secrets), source
             )
             return pb.CreateVolumeResponse(volume=self._list_rbd(record, request))
         if source is None:
@@ -235,6 +239,8 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             "parameters": dict(request.parameters),
             "mutableParameters": dict(request.mutable_parameters),
         }  # fmt: skip
+        if record.source is not None:
+            spec["source"] = {"kind": record.source[0], "id": record.source[1]}
         self.resources.create(VOLUMES, body("VduseVolume", record.volume_id, ANY_NODE, spec))
         return self._volume(self._report_rbd(record))
 
@@ -252,13 +258,29 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             raise Aborted(f"{record.volume_id} is being deleted")
         return patched
 
+    def _list_rbd_snapshot(self, record: SnapshotRecord) -> Object:
+        """The object that lists an RBD snapshot, with the status the controller writes."""
+        spec = {"node": ANY_NODE, "name": record.name, "sourceVolumeId": record.source_volume_id}
+        self.resources.create(SNAPSHOTS, body("VduseSnapshot", record.snapshot_id, ANY_NODE, spec))
+        obj = self.resources.get(SNAPSHOTS, record.snapshot_id)
+        if obj is None:
+            raise Aborted(f"{record.snapshot_id} is being deleted")
+        status = {
+            "observedGeneration": obj["metadata"]["generation"], "ready": True, "code": "OK",
+            "readyToUse": True, "sizeBytes": record.size, "creationTime": record.created_at,
+        }  # fmt: skip
+        patched = self.resources.patch(SNAPSHOTS, record.snapshot_id, {"status": status},
+                                       status=True)  # fmt: skip
+        if patched is None:
+            raise Aborted(f"{record.snapshot_id} is being deleted")
+        return patched
+
     @rpc
     def DeleteVolume(self, request: Any, context: Any) -> pb.DeleteVolumeResponse:
         if not volume_id_or_raise(request.volume_id):
             return pb.DeleteVolumeResponse()
-        if (rbd := rbd_image_of(request.volume_id)) is not None:
-            access = rbd_volumes.access_from(dict(request.secrets), rbd[0], "provisioner")
-            rbd_volumes.delete(request.volume_id, access)
+        if rbd_image_of(request.volume_id) is not None:
+            rbd_volumes.delete(request.volume_id, dict(request.secrets))
             self.resources.delete(VOLUMES, request.volume_id)
         else:
             self._delete(VOLUMES, request.volume_id)
@@ -398,6 +420,13 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         if not request.source_volume_id:
             raise InvalidArgument("source_volume_id is required")
         volume_id_or_raise(request.source_volume_id)
+        if rbd_image_of(request.source_volume_id) is not None:
+            record = rbd_snapshots.cut(
+                request.name, request.source_volume_id, dict(request.secrets)
+            )
+            return pb.CreateSnapshotResponse(
+                snapshot=self._snapshot(self._list_rbd_snapshot(record))
+            )
         snapshot_id = snapshot_id_for(request.name)
         obj = self.resources.get(SNAPSHOTS, snapshot_id)
         if obj is None:
@@ -415,7 +444,10 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
     def DeleteSnapshot(self, request: Any, context: Any) -> pb.DeleteSnapshotResponse:
         if not request.snapshot_id:
             raise InvalidArgument("snapshot_id is required")
-        if _valid_id("snapshot", request.snapshot_id):
+        if rbd_snapshot_of(request.snapshot_id) is not None:
+            rbd_snapshots.remove(request.snapshot_id, dict(request.secrets))
+            self.resources.delete(SNAPSHOTS, request.snapshot_id)
+        elif _valid_id("snapshot", request.snapshot_id):
             self._delete(SNAPSHOTS, request.snapshot_id)
         return pb.DeleteSnapshotResponse()
 

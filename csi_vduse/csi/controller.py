@@ -17,14 +17,19 @@ from csi_vduse.lifecycle.node import NodeVolumes
 from csi_vduse.lifecycle.provisioning import (
     K8S_PARAM_PREFIX,
     Provisioner,
-    Source,
     fit_reason,
     parse_parameters,
 )
 from csi_vduse.lifecycle.snapshots import Snapshots
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.snapshots import SnapshotRecord, check_snapshot_id
-from csi_vduse.state.volumes import InvalidId, VolumeParams, VolumeRecord, check_volume_id
+from csi_vduse.state.volumes import (
+    InvalidId,
+    Source,
+    VolumeParams,
+    VolumeRecord,
+    check_volume_id,
+)
 
 RPC = pb.ControllerServiceCapability.RPC
 CAPABILITIES = (
@@ -204,12 +209,14 @@ class ControllerService(rpc_pb.ControllerServicer):
     @rpc
     def CreateSnapshot(self, request: Any, context: Any) -> pb.CreateSnapshotResponse:
         check_snapshot_parameters(request.parameters)
-        record = self.snapshots.create(request.name, request.source_volume_id)
+        record = self.snapshots.create(
+            request.name, request.source_volume_id, dict(request.secrets)
+        )
         return pb.CreateSnapshotResponse(snapshot=self._snapshot(record))
 
     @rpc
     def DeleteSnapshot(self, request: Any, context: Any) -> pb.DeleteSnapshotResponse:
-        self.snapshots.delete(request.snapshot_id)
+        self.snapshots.delete(request.snapshot_id, dict(request.secrets))
         return pb.DeleteSnapshotResponse()
 
     @rpc

@@ -28,7 +28,7 @@ from csi_vduse.errors import (
 )
 from csi_vduse.kernel import sysfs
 from csi_vduse.kernel.vduse import DEVICE_DIR
-from csi_vduse.lifecycle import mounts, rbd_volumes, vhost_nodes
+from csi_vduse.lifecycle import mounts, rbd_pool, rbd_volumes, vhost_nodes
 from csi_vduse.lifecycle.access import VolumeAccess
 from csi_vduse.lifecycle.attachment import Attachment
 from csi_vduse.lifecycle.capacity import pick_capacity
@@ -182,7 +182,7 @@ class NodeVolumes:
         """Reads an RBD volume's record from its image into this node's records; returns
         the access, which the stage keeps for a restarted plugin to open the image again.
         Where this node has a record already, its QoS (ControllerModifyVolume) stays."""
-        access = rbd_volumes.access_from(secrets, pool, "node-stage")
+        access = rbd_pool.access_from(secrets, pool, "node-stage")
         record = rbd_volumes.fetch(volume_id, access)
         with contextlib.suppress(UnreadableRecord):
             if (local := self.store.get(volume_id)) is not None:

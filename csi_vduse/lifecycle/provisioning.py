@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -34,10 +34,12 @@ from csi_vduse.lifecycle.capacity import (
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.state.atomic import fsync_dir
 from csi_vduse.state.records import UnreadableRecord
+from csi_vduse.state.snapshots import rbd_snapshot_of
 from csi_vduse.state.staging import StagingStore
 from csi_vduse.state.volumes import (
     POOL_NAME,
     InvalidId,
+    Source,
     VolumeParams,
     VolumeRecord,
     VolumeStore,
@@ -52,7 +54,6 @@ if TYPE_CHECKING:
     from csi_vduse.lifecycle.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
-Source = tuple[Literal["snapshot", "volume"], str]
 MAX_NAME_BYTES = 128
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 # StorageClass or VolumeAttributesClass parameter -> QosLimits field
@@ -249,11 +250,11 @@ class Provisioner:
         self, name: str, required: int, limit: int, params: VolumeParams, qos: QosLimits,
         source: Source | None, secrets: dict[str, str] | None,
     ) -> VolumeRecord:  # fmt: skip
-        if source is not None:
-            raise InvalidArgument("rbd volumes are not made from snapshots or volumes yet")
         assert params.pool is not None
         with self.locks.hold(rbd_volume_id_for(name, params.pool)):
-            record = rbd_volumes.provision(name, required, limit, params, qos, secrets or {})
+            record = rbd_volumes.provision(
+                name, required, limit, params, qos, secrets or {}, source
+            )
             self.store.ensure()
             self.store.put(record)
             return record
@@ -262,6 +263,10 @@ class Provisioner:
         kind, source_id = source
         if self.snapshots is None:
             raise InvalidArgument("this controller makes no volumes from sources")
+        if rbd_snapshot_of(source_id) or rbd_image_of(source_id):
+            raise InvalidArgument(
+                f"the {kind} {source_id} is an rbd one: it makes rbd volumes only"
+            )
         with self.locks.hold(source_id):
             if kind == "snapshot":
                 snapshot = self.snapshots.get(source_id)
@@ -330,9 +335,8 @@ class Provisioner:
                 raise FailedPrecondition(
                     f"volume {volume_id} is staged on this node; unstage it before deleting"
                 )
-            if (rbd := rbd_image_of(volume_id)) is not None:
-                rbd_volumes.delete(volume_id, rbd_volumes.access_from(secrets or {}, rbd[0],
-                                                                      "provisioner"))  # fmt: skip
+            if rbd_image_of(volume_id) is not None:
+                rbd_volumes.delete(volume_id, secrets or {})
             self.store.delete(volume_id)
 
     def _get(self, volume_id: str) -> VolumeRecord | None:

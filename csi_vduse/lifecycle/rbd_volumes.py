@@ -1,94 +1,55 @@
 """RBD volumes: an image per volume in a Ceph pool, reached with the CSI secret of the call
 (provisioner, controller-expand or node-stage). The volume's record lives in the image's
 metadata, so whichever node stages it reads the same record; a node keeps a copy with its
-own records, which is what ListVolumes and the node's calls read."""
+own records, which is what ListVolumes and the node's calls read.
+
+A volume made from a snapshot is a format-2 clone of that rbd snapshot; one made from a
+volume is a clone of a snapshot taken for it and removed at once (it stays in the image's
+trash namespace while the clone needs it). An image that clones still need when its volume
+is deleted goes to the pool's trash, and is removed with the last of them."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-from pydantic import SecretStr, ValidationError
 
 from csi_vduse.backends.base import BackendError
-from csi_vduse.backends.rbd import ImageBusy, NoSuchImage, RbdAccess, RbdBackend, RbdCluster
-from csi_vduse.dataplane.qos import QosLimits
-from csi_vduse.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
+from csi_vduse.backends.rbd import (
+    ImageBusy,
+    ImageHasSnapshots,
+    NoSuchImage,
+    RbdAccess,
+    RbdBackend,
+    RbdCluster,
 )
+from csi_vduse.dataplane.qos import QosLimits
+from csi_vduse.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange, Unavailable
+from csi_vduse.lifecycle import rbd_snapshots
 from csi_vduse.lifecycle.capacity import pick_capacity
-from csi_vduse.state.volumes import VolumeParams, VolumeRecord, rbd_image_of, rbd_volume_id_for
+from csi_vduse.lifecycle.rbd_pool import (
+    RECORD_KEY,
+    access_from,
+    connected,
+    read_record,
+    record_if_any,
+    target,
+)
+from csi_vduse.state.snapshots import RBD_ID_PREFIX as RBD_SNAPSHOT_PREFIX
+from csi_vduse.state.snapshots import rbd_snapshot_of
+from csi_vduse.state.volumes import Source, VolumeParams, VolumeRecord, rbd_volume_id_for
 
 log = logging.getLogger(__name__)
-# The keys of the Secret, as ceph-csi names them (monitors: comma-separated addresses)
-MONITORS, USER, KEY = "monitors", "userID", "userKey"
-RECORD_KEY = "csi-vduse.record"
+IMAGE_PREFIX = "csi-vduse-"
+CLONE_SNAP_PREFIX = "csi-vduse-clone-"  # the snapshot a clone of a volume is made from
+USER_SNAP_PREFIX = "csi-vduse-snap-"  # a CSI snapshot's
 
 
-def access_from(secrets: dict[str, str], pool: str, which: str) -> RbdAccess:
-    """The pool's access from a CSI secret; the error names missing keys, never values."""
-    missing = [k for k in (MONITORS, USER, KEY) if not secrets.get(k)]
-    if missing:
-        raise InvalidArgument(
-            f"an rbd volume needs the {which} secret with {', '.join(missing)} "
-            f"(keys: {MONITORS}, {USER}, {KEY})"
-        )
-    try:
-        return RbdAccess(
-            monitors=secrets[MONITORS],
-            user=secrets[USER],
-            key=SecretStr(secrets[KEY]),
-            pool=pool,
-        )
-    except ValidationError:
-        raise InvalidArgument(
-            f"the {which} secret's {USER} must be the cephx user without 'client.'"
-        ) from None
-
-
-def target(volume_id: str) -> tuple[str, str]:
-    found = rbd_image_of(volume_id)
-    assert found is not None, volume_id
-    return found
-
-
-@contextmanager
-def connected(access: RbdAccess) -> Iterator[RbdCluster]:
-    """A connection to the pool; one that cannot be made is UNAVAILABLE (retried)."""
-    try:
-        cluster = RbdCluster(access)
-    except BackendError as e:
-        raise Unavailable(str(e)) from None
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-def read_record(cluster: RbdCluster, image: str) -> VolumeRecord | None:
-    """The record in the image's metadata; None for an image without one (a create that
-    stopped half-way). NoSuchImage when there is no image."""
-    raw = cluster.get_meta(image, RECORD_KEY)
-    if raw is None:
-        return None
-    try:
-        return VolumeRecord.model_validate_json(raw)
-    except ValidationError as e:
-        raise FailedPrecondition(
-            f"rbd image {cluster.access.pool}/{image} holds a record this version cannot "
-            f"read ({e.error_count()} errors)"
-        ) from None
-
-
-def create(record: VolumeRecord, access: RbdAccess) -> VolumeRecord:
-    """Creates the volume's image with its record, or returns the record of the one a
-    previous call made; ALREADY_EXISTS when that one differs."""
+def create(
+    record: VolumeRecord, access: RbdAccess, required: int = 0, limit: int = 0
+) -> VolumeRecord:
+    """Creates the volume's image (empty, or a clone of record.source, sized from
+    `required` and `limit`) with its record, or returns the record of the one a previous
+    call made; ALREADY_EXISTS when that one differs."""
     _, image = target(record.volume_id)
     with connected(access) as cluster:
         try:
@@ -97,36 +58,80 @@ def create(record: VolumeRecord, access: RbdAccess) -> VolumeRecord:
             existing = None
         else:
             if existing is None:  # created, never described, so never handed out
-                cluster.remove(image)
+                _remove(cluster, image)
         if existing is not None:
-            if existing.capacity < record.capacity or existing.params != record.params:
+            if (
+                existing.capacity < max(record.capacity, required)
+                or existing.params != record.params
+                or existing.source != record.source
+            ):
                 raise AlreadyExists(
-                    f"volume {record.name} exists with {existing.capacity} bytes and "
-                    f"{existing.params}; the request asks for something else"
+                    f"volume {record.name} exists with {existing.capacity} bytes, "
+                    f"{existing.params} and source {existing.source}; the request asks for "
+                    "something else"
                 )
             return existing
         try:
-            cluster.create(image, record.capacity)
+            if record.source is None:
+                cluster.create(image, record.capacity)
+            else:
+                _clone(cluster, record, image, required, limit)
             cluster.set_meta(image, RECORD_KEY, record.model_dump_json())
+        except NoSuchImage as e:
+            raise NotFound(str(e)) from None
         except BackendError as e:
             raise Unavailable(str(e)) from None
         log.info("%s: created rbd image %s/%s", record.volume_id, access.pool, image)
         return record
 
 
+def _clone(cluster: RbdCluster, record: VolumeRecord, image: str, required: int,
+           limit: int) -> None:  # fmt: skip
+    """The image as a clone of the record's source, grown to the capacity asked for."""
+    assert record.source is not None
+    kind, source_id = record.source
+    if kind == "snapshot":
+        snapshot = rbd_snapshots.fetch(source_id, cluster)
+        _, parent = target(snapshot.source_volume_id)
+        _, snap = rbd_snapshot_of(source_id) or ("", "")
+        size, formatted, fs_type = snapshot.size, snapshot.formatted, snapshot.fs_type
+    else:
+        _, parent = target(source_id)
+        volume = read_record(cluster, parent)
+        if volume is None:
+            raise NotFound(f"source volume {source_id} does not exist")
+        snap = CLONE_SNAP_PREFIX + image.removeprefix(IMAGE_PREFIX)
+        size = cluster.snap_create(parent, snap)
+        formatted, fs_type = volume.formatted, volume.fs_type
+    record.capacity = pick_capacity(required, limit, default=size)
+    if record.capacity < size:
+        raise OutOfRange(f"the {kind} {source_id} holds {size} bytes, more than the "
+                         f"{record.capacity} asked for")  # fmt: skip
+    record.formatted, record.fs_type = formatted, fs_type
+    cluster.clone(parent, snap, image)
+    if record.capacity > size:
+        cluster.grow(image, record.capacity)
+    if kind == "volume":
+        cluster.snap_remove(parent, snap)  # to the trash namespace: the clone needs it
+
+
 def provision(
     name: str, required: int, limit: int, params: VolumeParams, qos: QosLimits,
-    secrets: dict[str, str],
+    secrets: dict[str, str], source: Source | None = None,
 ) -> VolumeRecord:  # fmt: skip
-    """CreateVolume of an RBD volume, with the provisioner secret: the image made, or the
-    one a previous call made when it fits."""
+    """CreateVolume of an RBD volume, with the provisioner secret: the image made (from
+    `source`, an rbd snapshot or volume of the same pool), or the one a previous call made
+    when it fits."""
     assert params.pool is not None
+    if source is not None:
+        rbd_snapshots.check_source(*source, params.pool)
     access = access_from(secrets, params.pool, "provisioner")
     record = VolumeRecord(
         volume_id=rbd_volume_id_for(name, params.pool), name=name,
-        capacity=pick_capacity(required, limit), params=params, qos=qos, created_at=time.time(),
+        capacity=0 if source else pick_capacity(required, limit), params=params, qos=qos,
+        created_at=time.time(), source=source,
     )  # fmt: skip
-    record = create(record, access)
+    record = create(record, access, required, limit)
     if limit and record.capacity > limit:
         raise AlreadyExists(f"volume {name} exists with {record.capacity} bytes")
     return record
@@ -147,13 +152,14 @@ def expand(
     return grow(record, capacity, access), True
 
 
-def delete(volume_id: str, access: RbdAccess) -> None:
-    """Removes the image; FAILED_PRECONDITION while a client (a node serving it) has it
-    open."""
-    _, image = target(volume_id)
-    with connected(access) as cluster:
+def delete(volume_id: str, secrets: dict[str, str]) -> None:
+    """DeleteVolume, with the provisioner secret: removes the image, or moves it to the
+    pool's trash while clones need it. FAILED_PRECONDITION while a client (a node serving
+    it) has it open, or while it has CSI snapshots (they are not independent of it)."""
+    pool, image = target(volume_id)
+    with connected(access_from(secrets, pool, "provisioner")) as cluster:
         try:
-            cluster.remove(image)
+            _delete(cluster, volume_id, image)
         except ImageBusy:
             raise FailedPrecondition(
                 f"volume {volume_id} is open on a node (its image has watchers); unstage it "
@@ -163,13 +169,60 @@ def delete(volume_id: str, access: RbdAccess) -> None:
             raise Unavailable(str(e)) from None
 
 
+def _delete(cluster: RbdCluster, volume_id: str, image: str) -> None:
+    try:
+        names = cluster.snap_names(image)
+    except NoSuchImage:
+        return
+    kept = []
+    for snap in names:
+        snapshot_id = _snapshot_id(snap, cluster.access.pool)
+        if snapshot_id and rbd_snapshots.read(cluster, snapshot_id):
+            kept.append(snapshot_id)
+        elif snap.startswith(IMAGE_PREFIX):  # a clone's, or a cut never answered
+            cluster.snap_remove(image, snap)
+    if kept:
+        raise FailedPrecondition(
+            f"volume {volume_id} has snapshots ({', '.join(sorted(kept))}); delete them first"
+        )
+    _remove(cluster, image)
+
+
+def _snapshot_id(snap: str, pool: str) -> str | None:
+    if not snap.startswith(USER_SNAP_PREFIX):
+        return None
+    return f"{RBD_SNAPSHOT_PREFIX}{snap.removeprefix(USER_SNAP_PREFIX)}-{pool}"
+
+
+def _remove(cluster: RbdCluster, image: str) -> None:
+    """Removes the image, or moves it to the trash while clones need one of its (trashed)
+    snapshots; then removes the trashed ancestors that no clone needs any more."""
+    parent = cluster.parent(image, prefix=IMAGE_PREFIX)
+    try:
+        cluster.remove(image)
+    except ImageHasSnapshots:
+        if names := cluster.snap_names(image):
+            raise FailedPrecondition(
+                f"rbd image {cluster.access.pool}/{image} has snapshots csi-vduse did not "
+                f"take ({', '.join(names)})"
+            ) from None
+        cluster.trash_move(image)
+        log.info("rbd image %s/%s moved to the trash: clones still need it",
+                 cluster.access.pool, image)  # fmt: skip
+        return
+    while parent is not None and parent[1] and parent[2]:
+        image_id = parent[0]
+        parent = cluster.parent(image_id=image_id, prefix=IMAGE_PREFIX)
+        if not cluster.trash_remove(image_id):
+            return
+        log.info("rbd image %s removed from the trash of pool %s: no clone needs it",
+                 image_id, cluster.access.pool)  # fmt: skip
+
+
 def fetch(volume_id: str, access: RbdAccess) -> VolumeRecord:
     _, image = target(volume_id)
     with connected(access) as cluster:
-        try:
-            record = read_record(cluster, image)
-        except NoSuchImage:
-            record = None
+        record = record_if_any(cluster, image)
     if record is None:
         raise NotFound(f"volume {volume_id} does not exist (no rbd image {access.pool}/{image})")
     return record

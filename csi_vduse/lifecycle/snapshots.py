@@ -14,6 +14,7 @@ from pathlib import Path
 from csi_vduse.backends.file_copy import copy_image
 from csi_vduse.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi_vduse.kernel.vduse import DEVICE_DIR
+from csi_vduse.lifecycle import rbd_snapshots
 from csi_vduse.lifecycle.capacity import ensure_space, exclusive
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.provisioning import check_name, existing_volume
@@ -23,10 +24,12 @@ from csi_vduse.state.snapshots import (
     SnapshotRecord,
     SnapshotStore,
     check_snapshot_id,
+    rbd_snapshot_id_for,
+    rbd_snapshot_of,
     snapshot_id_for,
 )
 from csi_vduse.state.staging import StagingStore
-from csi_vduse.state.volumes import InvalidId, VolumeRecord, VolumeStore
+from csi_vduse.state.volumes import InvalidId, VolumeRecord, VolumeStore, rbd_image_of
 
 log = logging.getLogger(__name__)
 Quiesce = Callable[[str], AbstractContextManager[None]]
@@ -66,10 +69,14 @@ class Snapshots:
         self.space = space
         self.quiesce = quiesce
 
-    def create(self, name: str, source_volume_id: str) -> SnapshotRecord:
+    def create(
+        self, name: str, source_volume_id: str, secrets: dict[str, str] | None = None
+    ) -> SnapshotRecord:
         check_name(name)
         if not source_volume_id:
             raise InvalidArgument("source_volume_id is required")
+        if rbd_image_of(source_volume_id) is not None:
+            return self._cut_rbd(name, source_volume_id, secrets or {})
         snapshot_id = snapshot_id_for(name)
         with self.locks.hold(snapshot_id):
             existing = self._get(snapshot_id)
@@ -82,9 +89,16 @@ class Snapshots:
                 return existing
             with self.locks.hold(source_volume_id):
                 volume = existing_volume(self.volumes, source_volume_id)
-                if volume.params.backend == "rbd":
-                    raise InvalidArgument("snapshots of rbd volumes are not supported yet")
                 return self._cut(snapshot_id, name, volume)
+
+    def _cut_rbd(self, name: str, source_volume_id: str, secrets: dict[str, str]) -> SnapshotRecord:
+        """An rbd snapshot in the pool, and a copy of its record here for ListSnapshots."""
+        pool, _ = rbd_image_of(source_volume_id) or ("", "")
+        with self.locks.hold(rbd_snapshot_id_for(name, pool)):
+            record = rbd_snapshots.cut(name, source_volume_id, secrets)
+            self.store.ensure()
+            self.store.put(record)
+            return record
 
     def _cut(self, snapshot_id: str, name: str, volume: VolumeRecord) -> SnapshotRecord:
         source = self.volumes.image(volume.volume_id)
@@ -128,12 +142,14 @@ class Snapshots:
             raise NotFound(f"snapshot {snapshot_id} does not exist")
         return record
 
-    def delete(self, snapshot_id: str) -> None:
+    def delete(self, snapshot_id: str, secrets: dict[str, str] | None = None) -> None:
         if not snapshot_id:
             raise InvalidArgument("snapshot_id is required")
         if not snapshot_id_or_raise(snapshot_id):
             return
         with self.locks.hold(snapshot_id):
+            if rbd_snapshot_of(snapshot_id) is not None:
+                rbd_snapshots.remove(snapshot_id, secrets or {})
             self.store.delete(snapshot_id)
 
     def remove_orphans(self) -> None:

@@ -15,10 +15,27 @@ from csi_vduse.state.volumes import InvalidId, check_volume_id
 
 ID_PREFIX = "vduse-snap-"
 _ID = re.compile(r"^vduse-snap-[0-9a-f]{40}$")
+# An RBD snapshot's id names its pool, since DeleteSnapshot is given nothing else.
+RBD_ID_PREFIX = ID_PREFIX + "rbd-"
+_RBD_ID = re.compile(r"^vduse-snap-rbd-([0-9a-f]{40})-([A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+
+
+def _name_hash(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:40]
 
 
 def snapshot_id_for(name: str) -> str:
-    return ID_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:40]
+    return ID_PREFIX + _name_hash(name)
+
+
+def rbd_snapshot_id_for(name: str, pool: str) -> str:
+    return f"{RBD_ID_PREFIX}{_name_hash(name)}-{pool}"
+
+
+def rbd_snapshot_of(snapshot_id: str) -> tuple[str, str] | None:
+    """(pool, name of the rbd snapshot) of an RBD snapshot's id; None for any other id."""
+    found = _RBD_ID.match(snapshot_id)
+    return (found[2], f"csi-vduse-snap-{found[1]}") if found else None
 
 
 def check_snapshot_id(snapshot_id: str) -> bool:
@@ -28,7 +45,7 @@ def check_snapshot_id(snapshot_id: str) -> bool:
         check_volume_id(snapshot_id)  # the same rules of form
     except InvalidId as e:
         raise InvalidId(str(e).replace("volume_id", "snapshot_id")) from None
-    return bool(_ID.match(snapshot_id))
+    return bool(_ID.match(snapshot_id) or _RBD_ID.match(snapshot_id))
 
 
 class SnapshotRecord(Record):

@@ -84,6 +84,9 @@ class VolumeParams(BaseModel):
     pool: str | None = None
 
 
+Source = tuple[Literal["snapshot", "volume"], str]
+
+
 class VolumeRecord(Record):
     volume_id: str
     name: str
@@ -94,7 +97,7 @@ class VolumeRecord(Record):
     fs_type: str | None = None
     qos: QosLimits = QosLimits()
     # what the volume was made from: ("snapshot" | "volume", id)
-    source: tuple[Literal["snapshot", "volume"], str] | None = None
+    source: Source | None = None
 
 
 class VolumeStore:

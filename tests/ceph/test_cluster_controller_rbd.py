@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from csi_vduse.cluster.resources import NODE_LABEL, VOLUMES
+from csi_vduse.cluster.resources import NODE_LABEL, SNAPSHOTS, VOLUMES
 from csi_vduse.config import ServeConfig
 from csi_vduse.csi.cluster_controller import ClusterControllerService
 from csi_vduse.csi.proto import csi_pb2 as pb
@@ -117,8 +117,6 @@ def test_an_rbd_volume_is_made_listed_grown_and_removed_by_the_controller(
     listed = service.ListVolumes(pb.ListVolumesRequest(), ctx).entries
     assert [e.volume.capacity_bytes for e in listed] == [32 * MiB]
 
-    snapshot = pb.CreateSnapshotRequest(name="snap", source_volume_id=volume.volume_id)
-    assert code_of(lambda: service.CreateSnapshot(snapshot, ctx)) == "INVALID_ARGUMENT"
     modify = pb.ControllerModifyVolumeRequest(
         volume_id=volume.volume_id, mutable_parameters={"writeIOPS": "100"}
     )
@@ -132,3 +130,52 @@ def test_an_rbd_volume_is_made_listed_grown_and_removed_by_the_controller(
     assert image not in ceph.rbd("ls", pool).split()
     assert service.resources.get(VOLUMES, volume.volume_id) is None
     service.DeleteVolume(delete, ctx)  # idempotent
+
+
+def test_an_rbd_snapshot_is_taken_listed_restored_and_removed_by_the_controller(
+    service: ClusterControllerService, ceph: CephCluster
+) -> None:
+    secrets = {"monitors": ceph.monitors, "userID": ceph.user, "userKey": ceph.key}
+    ctx = Context()
+    source = service.CreateVolume(create_request(ceph, secrets), ctx).volume
+    request = pb.CreateSnapshotRequest(name="snap-cluster", source_volume_id=source.volume_id)
+    assert code_of(lambda: service.CreateSnapshot(request, ctx)) == "INVALID_ARGUMENT"
+    assert (
+        service.resources.get(SNAPSHOTS, "x") is None
+        and not service.ListSnapshots(pb.ListSnapshotsRequest(), ctx).entries
+    )  # a refused call changed nothing
+    request.secrets.update(secrets)
+    snapshot = service.CreateSnapshot(request, ctx).snapshot
+    assert snapshot.ready_to_use and snapshot.size_bytes == 16 * MiB
+    assert snapshot.source_volume_id == source.volume_id
+    assert service.CreateSnapshot(request, ctx).snapshot == snapshot  # idempotent
+    obj = service.resources.get(SNAPSHOTS, snapshot.snapshot_id)
+    assert obj is not None and obj["spec"]["node"] == ""
+    listed = service.ListSnapshots(pb.ListSnapshotsRequest(source_volume_id=source.volume_id), ctx)
+    assert [e.snapshot for e in listed.entries] == [snapshot]
+
+    restore = create_request(ceph, secrets)
+    restore.name = "pvc-cluster-rbd-restored"
+    restore.volume_content_source.snapshot.snapshot_id = snapshot.snapshot_id
+    restored = service.CreateVolume(restore, ctx).volume
+    assert restored.content_source.snapshot.snapshot_id == snapshot.snapshot_id
+    assert restored.capacity_bytes == 16 * MiB and not restored.accessible_topology
+    file_restore = create_request(ceph, secrets)
+    file_restore.name = "pvc-file"
+    file_restore.parameters.clear()
+    file_restore.volume_content_source.snapshot.snapshot_id = snapshot.snapshot_id
+    assert code_of(lambda: service.CreateVolume(file_restore, ctx)) == "INVALID_ARGUMENT"
+
+    delete = pb.DeleteVolumeRequest(volume_id=source.volume_id, secrets=secrets)
+    assert code_of(lambda: service.DeleteVolume(delete, ctx)) == "FAILED_PRECONDITION"
+    remove = pb.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id)
+    assert code_of(lambda: service.DeleteSnapshot(remove, ctx)) == "INVALID_ARGUMENT"
+    remove.secrets.update(secrets)
+    service.DeleteSnapshot(remove, ctx)
+    service.DeleteSnapshot(remove, ctx)  # idempotent
+    assert not service.ListSnapshots(pb.ListSnapshotsRequest(), ctx).entries
+    service.DeleteVolume(delete, ctx)  # to the trash: the restored volume needs it
+    service.DeleteVolume(pb.DeleteVolumeRequest(volume_id=restored.volume_id, secrets=secrets),
+                         ctx)  # fmt: skip
+    assert ceph.rbd("ls", ceph.pool).split() == []
+    assert json.loads(ceph.rbd("trash", "ls", ceph.pool, "--format", "json")) == []

@@ -112,6 +112,7 @@ ALL_ON: Obj = {
     "volumeSnapshotClasses": [
         {"name": "vduse-snap", "isDefault": True, "deletionPolicy": "Retain"},
         {"name": "vduse-snap-delete"},
+        {"name": "vduse-snap-rbd", "secret": {"name": "ceph", "namespace": "storage"}},
     ],
     "serviceAccount": {
         "create": True,
@@ -781,7 +782,9 @@ def test_rbac_is_bound_to_the_pods_account_and_least_privilege(name: str) -> Non
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
             if "secrets" in rule["resources"]:  # a class's CSI secrets, read by sidecars
                 assert rule["resources"] == ["secrets"] and rule["verbs"] == ["get"], rule
-                assert role["metadata"]["name"].endswith(("-provisioner", "-resizer")), role
+                assert role["metadata"]["name"].endswith(
+                    ("-provisioner", "-resizer", "-snapshotter")
+                ), role
     # the agents act on their objects and report; only the controller creates or deletes them
     (agent,) = [r for (_, n), r in roles.items() if n.endswith("-agent")]
     granted = rules_of(agent)
@@ -790,9 +793,9 @@ def test_rbac_is_bound_to_the_pods_account_and_least_privilege(name: str) -> Non
     assert {g for g, _ in granted} == {"vduse.csi.dev"}
     (ctl,) = [r for (_, n), r in roles.items() if n.endswith("-controller")]
     assert "delete" in rules_of(ctl)[("vduse.csi.dev", "vdusevolumes")]
-    # only an RBD volume's status (its object has no node, so no agent)
+    # only an RBD volume's or snapshot's status (its object has no node, so no agent)
     assert rules_of(ctl)[("vduse.csi.dev", "vdusevolumes/status")] == {"patch"}
-    assert ("vduse.csi.dev", "vdusesnapshots/status") not in rules_of(ctl)
+    assert rules_of(ctl)[("vduse.csi.dev", "vdusesnapshots/status")] == {"patch"}
 
 
 def test_crds_are_what_the_code_reads_and_writes() -> None:
@@ -936,6 +939,16 @@ def test_snapshotter_runs_in_the_controller_with_its_classes(name: str) -> None:
             .get("snapshot.storage.kubernetes.io/is-default-class")
         )
         assert default == ("true" if wanted.get("isDefault") else None)
+        # an rbd class's Secret, for CreateSnapshot and DeleteSnapshot
+        secret = wanted.get("secret")
+        assert vsc.get("parameters") == (
+            {
+                "csi.storage.k8s.io/snapshotter-secret-name": secret["name"],
+                "csi.storage.k8s.io/snapshotter-secret-namespace": secret["namespace"],
+            }
+            if secret
+            else None
+        )
     rules = {(g, r): set(rule["verbs"]) for rule in roles[0]["rules"]
              for g in rule["apiGroups"] for r in rule["resources"]}  # fmt: skip
     assert rules[("snapshot.storage.k8s.io", "volumesnapshotcontents/status")] == {

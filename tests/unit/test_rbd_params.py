@@ -10,7 +10,7 @@ import pytest
 
 from csi_vduse.errors import InvalidArgument
 from csi_vduse.lifecycle.provisioning import parse_parameters
-from csi_vduse.lifecycle.rbd_volumes import access_from
+from csi_vduse.lifecycle.rbd_pool import access_from
 from csi_vduse.state.ceph_access import CephAccessStore
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.volumes import (

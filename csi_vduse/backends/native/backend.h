@@ -93,5 +93,19 @@ int dp_rbd_meta(struct dp_rbd_cluster *c, const char *name, const char *key,
 int dp_rbd_image_meta(struct dp_rbd *r, const char *key, const char *value, char *out,
                       size_t *outlen);
 int dp_rbd_grow(struct dp_rbd_cluster *c, const char *name, uint64_t *size);
+/* Snapshots, format-2 clones, the trash and the pool's metadata (rbd.c says what each
+ * does). */
+int dp_rbd_snap_create(struct dp_rbd_cluster *c, const char *name, const char *snap,
+                       uint64_t *size);
+int dp_rbd_snap_remove(struct dp_rbd_cluster *c, const char *name, const char *snap);
+int dp_rbd_snap_names(struct dp_rbd_cluster *c, const char *name, char *out, size_t *outlen);
+int dp_rbd_clone(struct dp_rbd_cluster *c, const char *parent, const char *snap,
+                 const char *child);
+int dp_rbd_parent(struct dp_rbd_cluster *c, const char *name, const char *id,
+                  const char *prefix, char *parent_id, size_t idlen, bool *trash, bool *ours);
+int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name);
+int dp_rbd_trash_remove(struct dp_rbd_cluster *c, const char *id);
+int dp_rbd_pool_meta(struct dp_rbd_cluster *c, const char *key, const char *value, char *out,
+                     size_t *outlen);
 
 #endif

@@ -180,6 +180,166 @@ int dp_rbd_grow(struct dp_rbd_cluster *c, const char *name, uint64_t *size)
     return r;
 }
 
+/* Snapshots, clones and the trash: the controller's operations on images it does not
+ * serve. Each opens the image by name (or, in the trash, by id) for the one call. */
+
+/* Creates snapshot `snap` of image `name` (an existing one of that name is kept: a cut that
+ * was never answered) and sets *size to the image's size at it. Works while another client
+ * holds the image's lock: librbd asks the owner to take it. */
+int dp_rbd_snap_create(struct dp_rbd_cluster *c, const char *name, const char *snap,
+                       uint64_t *size)
+{
+    rbd_image_t image;
+    int r = rbd_open(c->ioctx, name, &image, NULL);
+    if (r < 0)
+        return r;
+    r = rbd_snap_create(image, snap);
+    if (r == -EEXIST)
+        r = 0;
+    if (r == 0 && (r = rbd_snap_set(image, snap)) == 0) {
+        r = rbd_get_size(image, size);
+        rbd_snap_set(image, NULL);
+    }
+    rbd_close(image);
+    return r;
+}
+
+/* Removes the snapshot (none is not an error). One that clones still need stays in the
+ * image's trash namespace until the last of them is removed (clone format 2). */
+int dp_rbd_snap_remove(struct dp_rbd_cluster *c, const char *name, const char *snap)
+{
+    rbd_image_t image;
+    int r = rbd_open(c->ioctx, name, &image, NULL);
+    if (r < 0)
+        return r;
+    bool exists = false;
+    if ((r = rbd_snap_exists(image, snap, &exists)) == 0 && exists)
+        r = rbd_snap_remove(image, snap);
+    rbd_close(image);
+    return r == -ENOENT ? 0 : r;
+}
+
+/* The names of the image's user snapshots (not those in the trash namespace), each ended by NUL, in
+ * out (*outlen bytes; -ERANGE with the size needed in *outlen). */
+int dp_rbd_snap_names(struct dp_rbd_cluster *c, const char *name, char *out, size_t *outlen)
+{
+    rbd_image_t image;
+    int r = rbd_open_read_only(c->ioctx, name, &image, NULL);
+    if (r < 0)
+        return r;
+    int max = 16;
+    rbd_snap_info_t *snaps = NULL;
+    for (;;) {
+        snaps = calloc(max, sizeof(*snaps));
+        if (!snaps) {
+            r = -ENOMEM;
+            break;
+        }
+        r = rbd_snap_list(image, snaps, &max);
+        if (r != -ERANGE)
+            break;
+        free(snaps);
+        snaps = NULL;
+    }
+    if (r >= 0) {
+        int count = r;
+        size_t need = 0, at = 0;
+        r = 0;
+        for (int i = 0; i < count && r == 0; i++) {
+            rbd_snap_namespace_type_t type;
+            if ((r = rbd_snap_get_namespace_type(image, snaps[i].id, &type)) < 0)
+                break;
+            if (type != RBD_SNAP_NAMESPACE_TYPE_USER)
+                continue;  /* in the trash namespace: a clone still needs it */
+            size_t len = strlen(snaps[i].name) + 1;
+            need += len;
+            if (need <= *outlen) {
+                memcpy(out + at, snaps[i].name, len);
+                at += len;
+            }
+        }
+        if (r == 0 && need > *outlen)
+            r = -ERANGE;
+        *outlen = need;
+        rbd_snap_list_end(snaps);
+    }
+    free(snaps);
+    rbd_close(image);
+    return r;
+}
+
+/* Clones `parent`@`snap` into a new image `child` of the same pool: clone format 2, so
+ * the snapshot needs no protection and may be removed while the clone lives. */
+int dp_rbd_clone(struct dp_rbd_cluster *c, const char *parent, const char *snap,
+                 const char *child)
+{
+    rbd_image_options_t opts;
+    rbd_image_options_create(&opts);
+    int r = rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_CLONE_FORMAT, 2);
+    if (r == 0)
+        r = rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FEATURES,
+                                         RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK);
+    if (r == 0)
+        r = rbd_clone3(c->ioctx, parent, snap, c->ioctx, child, opts);
+    rbd_image_options_destroy(opts);
+    return r;
+}
+
+/* The id of the parent of the image `name` (or, name NULL, of the image with id `id`, as
+ * one in the trash is reached), with *trash set when that parent is in the trash, and
+ * *ours when its name starts with `prefix`. -ENOENT: no such image, or no parent. */
+int dp_rbd_parent(struct dp_rbd_cluster *c, const char *name, const char *id,
+                  const char *prefix, char *parent_id, size_t idlen, bool *trash, bool *ours)
+{
+    rbd_image_t image;
+    int r = name ? rbd_open_read_only(c->ioctx, name, &image, NULL)
+                 : rbd_open_by_id_read_only(c->ioctx, id, &image, NULL);
+    if (r < 0)
+        return r;
+    rbd_linked_image_spec_t spec;
+    rbd_snap_spec_t snap;
+    r = rbd_get_parent(image, &spec, &snap);
+    rbd_close(image);
+    if (r < 0)
+        return r;
+    if (strlen(spec.image_id) >= idlen) {
+        r = -ERANGE;
+    } else {
+        strcpy(parent_id, spec.image_id);
+        *trash = spec.trash;
+        *ours = strncmp(spec.image_name, prefix, strlen(prefix)) == 0;
+    }
+    rbd_linked_image_spec_cleanup(&spec);
+    rbd_snap_spec_cleanup(&snap);
+    return r;
+}
+
+/* Moves the image to the pool's trash, where it stays while clones need it. */
+int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name)
+{
+    return rbd_trash_move(c->ioctx, name, 0);
+}
+
+/* Removes the image with id `id` from the trash; -ENOTEMPTY while it has snapshots (a
+ * clone still needs one). */
+int dp_rbd_trash_remove(struct dp_rbd_cluster *c, const char *id)
+{
+    return rbd_trash_remove(c->ioctx, id, false);
+}
+
+/* The pool's metadata `key`, as dp_rbd_meta does an image's; remove when value and out are
+ * both NULL. */
+int dp_rbd_pool_meta(struct dp_rbd_cluster *c, const char *key, const char *value, char *out,
+                     size_t *outlen)
+{
+    if (value)
+        return rbd_pool_metadata_set(c->ioctx, key, value);
+    if (!out)
+        return rbd_pool_metadata_remove(c->ioctx, key);
+    int r = rbd_pool_metadata_get(c->ioctx, key, out, outlen);
+    return r == -ENOENT ? -ENODATA : r;
+}
+
 static rbd_image_t image_of(void *ctx)
 {
     return ((struct dp_rbd *)ctx)->image;
@@ -430,6 +590,50 @@ int dp_rbd_image_meta(struct dp_rbd *r, const char *key, const char *value, char
 }
 
 int dp_rbd_grow(struct dp_rbd_cluster *c, const char *name, uint64_t *size)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_snap_create(struct dp_rbd_cluster *c, const char *name, const char *snap,
+                       uint64_t *size)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_snap_remove(struct dp_rbd_cluster *c, const char *name, const char *snap)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_snap_names(struct dp_rbd_cluster *c, const char *name, char *out, size_t *outlen)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_clone(struct dp_rbd_cluster *c, const char *parent, const char *snap,
+                 const char *child)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_parent(struct dp_rbd_cluster *c, const char *name, const char *id,
+                  const char *prefix, char *parent_id, size_t idlen, bool *trash, bool *ours)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_trash_remove(struct dp_rbd_cluster *c, const char *id)
+{
+    return -ENOSYS;
+}
+
+int dp_rbd_pool_meta(struct dp_rbd_cluster *c, const char *key, const char *value, char *out,
+                     size_t *outlen)
 {
     return -ENOSYS;
 }
