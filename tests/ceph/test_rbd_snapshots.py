@@ -173,3 +173,24 @@ def test_sources_from_another_pool_or_backend_are_refused_before_any_call(
             provisioner.create("pvc-x", 0, 0, {"backend": "rbd", "pool": ceph.pool},
                                source=source, secrets=secrets)  # type: ignore[arg-type]  # fmt: skip
     assert images(ceph) == ([], [])
+
+
+def test_a_snapshot_deleted_before_its_restore_leaves_nothing_once_both_volumes_go(
+    services: tuple[Provisioner, Snapshots], ceph: CephCluster, secrets: dict[str, str],
+    access: rbd.RbdAccess,
+) -> None:  # fmt: skip
+    """The other order: the snapshot waits in its image's trash namespace for the restored
+    volume, which takes it along when it goes; the source then goes as any volume."""
+    provisioner, snapshots = services
+    rbd_class = {"backend": "rbd", "pool": ceph.pool}
+    source = provisioner.create("pvc-order", 8 * MiB, 0, rbd_class, secrets=secrets)
+    io(access, image_of(source.volume_id), 0, b"o" * BLOCK)
+    snapshot = snapshots.create("snap-order", source.volume_id, secrets)
+    restored = provisioner.create("pvc-order-restored", 0, 0, rbd_class,
+                                  source=("snapshot", snapshot.snapshot_id),
+                                  secrets=secrets)  # fmt: skip
+    snapshots.delete(snapshot.snapshot_id, secrets)
+    assert io(access, image_of(restored.volume_id), 0) == b"o" * BLOCK
+    provisioner.delete(restored.volume_id, secrets)
+    provisioner.delete(source.volume_id, secrets)
+    assert images(ceph) == ([], [])

@@ -5,6 +5,7 @@ helm CLI, in the VDUSE lab."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -36,6 +37,7 @@ QOS_CLASSES = {"vduse-slow": 100, "vduse-fast": 250}  # write IOPS
 TOPOLOGY_KEY = f"topology.{DRIVER}/node"
 NODE_B = "vduse-node-b"
 RBD_CLASS, RBD_SECRET = "vduse-rbd", "vduse-ceph"
+RBD_SNAPSHOT_CLASS = "vduse-rbd-snap"
 SCRATCH = Path(os.environ.get("LAB_SCRATCH", "/run/scratch"))
 
 
@@ -140,8 +142,10 @@ def chart_values(k8s: Cluster, **extra: Any) -> list[str]:
     chart_defaults = yaml.safe_load((REPO / "charts" / "csi-vduse" / "values.yaml").read_text())
     rbd_class = {"name": RBD_CLASS, "parameters": {"backend": "rbd", "pool": "rbd"},
                  "secret": {"name": RBD_SECRET, "namespace": "default"}}  # fmt: skip
+    rbd_snapshot_class = {"name": RBD_SNAPSHOT_CLASS, "secret": rbd_class["secret"]}
     values = {
         "storageClasses": [*chart_defaults["storageClasses"], rbd_class],
+        "volumeSnapshotClasses": [*chart_defaults["volumeSnapshotClasses"], rbd_snapshot_class],
         "kubeletDir": str(k8s.node.kubelet_dir),
         "dataDir": str(k8s.node.workdir / "csi-vduse-data"),
         "images": {"plugin": image("csi-vduse"), "provisioner": image("csi-provisioner"),
@@ -515,6 +519,53 @@ def test_5c_a_snapshot_under_write_load_restores_clean_and_a_clone_reads(k8s: Cl
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def restore_rbd_snapshot(k8s: Cluster, ceph: CephCluster, image: str) -> str:
+    """A VolumeSnapshot of the class with the snapshotter secret, taken under the running
+    reader of claim vduse-rbd and restored into a larger claim: the restored pod reads what
+    the file held when the snapshot was cut. The snapshot is deleted while the restored
+    claim lives. Returns the restored claim's volume."""
+    snapshot = {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                "metadata": {"name": "vduse-rbd-snap"},
+                "spec": {"volumeSnapshotClassName": RBD_SNAPSHOT_CLASS,
+                         "source": {"persistentVolumeClaimName": "vduse-rbd"}}}  # fmt: skip
+    k8s.apply(yaml.safe_dump(snapshot))
+    get = functools.partial(k8s.custom.get_namespaced_custom_object, "snapshot.storage.k8s.io",
+                            "v1", "default", "volumesnapshots", "vduse-rbd-snap")  # fmt: skip
+    try:
+        wait("the rbd snapshot to be ready",
+             lambda: (get().get("status") or {}).get("readyToUse"), timeout=300)  # fmt: skip
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{get()}\n{ceph.log_tail()}") from None
+    [snap] = json.loads(ceph.rbd("snap", "ls", f"{ceph.pool}/{image}", "--format", "json"))
+    k8s.exec("vduse-rbd-reader", "echo after-the-snapshot > /data/f && sync")
+
+    restored = claim(
+        "vduse-rbd-restored",
+        "192Mi",
+        {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "vduse-rbd-snap"},
+    )
+    restored["spec"]["storageClassName"] = RBD_CLASS
+    k8s.apply(yaml.safe_dump(restored))
+    k8s.apply(reader_pod(k8s, "vduse-rbd-restore-reader", "vduse-rbd-restored"))
+    wait("the restored rbd reader to run",
+         lambda: k8s.pod_phase("vduse-rbd-restore-reader") == "Running")  # fmt: skip
+    assert k8s.exec("vduse-rbd-restore-reader", "cat /data/f").strip() == "kept-in-ceph"
+    size = int(k8s.exec("vduse-rbd-restore-reader", "df -k /data | tail -1").split()[1])
+    assert size > 150 * 1024  # the file system grew to the larger claim
+    volume = k8s.core.read_namespaced_persistent_volume_claim(
+        "vduse-rbd-restored", "default").spec.volume_name  # fmt: skip
+    _, clone = rbd_image_of(k8s.core.read_persistent_volume(volume).spec.csi.volume_handle) or (
+        "", "")  # fmt: skip
+    parent = json.loads(ceph.rbd("info", f"{ceph.pool}/{clone}", "--format", "json"))["parent"]
+    assert (parent["image"], parent["snapshot"]) == (image, snap["name"])
+
+    k8s.custom.delete_namespaced_custom_object("snapshot.storage.k8s.io", "v1", "default",
+                                               "volumesnapshots", "vduse-rbd-snap")  # fmt: skip
+    wait("the rbd snapshot to be deleted", lambda: not json.loads(ceph.rbd(
+        "snap", "ls", f"{ceph.pool}/{image}", "--format", "json")))  # fmt: skip
+    return str(volume)
+
+
 @pytest.fixture(scope="module")
 def ceph() -> Iterator[CephCluster]:
     SCRATCH.mkdir(parents=True, exist_ok=True)
@@ -570,11 +621,16 @@ def test_5d_an_rbd_claim_serves_pods_and_grows_through_the_chart_class(
         wait("the rbd reader to run", lambda: k8s.pod_phase("vduse-rbd-reader") == "Running")
         assert k8s.exec("vduse-rbd-reader", "cat /data/f").strip() == "kept-in-ceph"
 
-        k8s.core.delete_namespaced_pod("vduse-rbd-reader", "default")
-        k8s.core.delete_namespaced_persistent_volume_claim("vduse-rbd", "default")
-        wait("the rbd volume to be deleted", lambda: pv.metadata.name not in [
-            v.metadata.name for v in k8s.core.list_persistent_volume().items])  # fmt: skip
-        assert image not in ceph.rbd("ls", pool).split()
+        restored_pv = restore_rbd_snapshot(k8s, ceph, image)
+        for pod in ("vduse-rbd-reader", "vduse-rbd-restore-reader"):
+            k8s.core.delete_namespaced_pod(pod, "default")
+        for name in ("vduse-rbd", "vduse-rbd-restored"):
+            k8s.core.delete_namespaced_persistent_volume_claim(name, "default")
+        wait("the rbd volumes to be deleted", lambda: not {pv.metadata.name, restored_pv} & {
+            v.metadata.name for v in k8s.core.list_persistent_volume().items})  # fmt: skip
+        # in either order of deletion, nothing stays in the pool or its trash
+        assert ceph.rbd("ls", pool).split() == []
+        assert json.loads(ceph.rbd("trash", "ls", pool, "--format", "json")) == []
         assert handle not in [o["metadata"]["name"] for o in k8s.vduse_objects("vdusevolumes")]
     finally:
         k8s.core.delete_namespaced_secret(RBD_SECRET, "default")
