@@ -18,6 +18,18 @@ from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 Mode = pb.VolumeCapability.AccessMode
 MiB = 1 << 20
 ModeValue: TypeAlias = pb.VolumeCapability.AccessMode.Mode
+# kubelet and the sidecars give every call a deadline; under software emulation ours is
+# longer, and a call that hangs fails its test instead of the suite's time limit
+CALL_TIMEOUT = 300.0
+
+
+class _Deadline(grpc.UnaryUnaryClientInterceptor):
+    """Gives each call without a timeout CALL_TIMEOUT."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.timeout is None:
+            details = details._replace(timeout=CALL_TIMEOUT)
+        return continuation(details, request)
 
 
 def mount_cap(fs_type: str = "ext4", mode: ModeValue = Mode.SINGLE_NODE_WRITER,
@@ -68,9 +80,10 @@ class Plugin:
             except grpc.FutureTimeoutError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"plugin did not start:\n{self.log.read_text()}") from None
-        self.identity = rpc_pb.IdentityStub(self.channel)
-        self.controller = rpc_pb.ControllerStub(self.channel)
-        self.node = rpc_pb.NodeStub(self.channel)
+        calls = grpc.intercept_channel(self.channel, _Deadline())
+        self.identity = rpc_pb.IdentityStub(calls)
+        self.controller = rpc_pb.ControllerStub(calls)
+        self.node = rpc_pb.NodeStub(calls)
 
     def stop(self, sig: int = 15) -> int:
         assert self.proc is not None

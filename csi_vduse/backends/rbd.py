@@ -147,30 +147,33 @@ class RbdCluster:
                                  f"into {child}")  # fmt: skip
 
     def parent(self, image: str | None = None, image_id: str | None = None,
-               prefix: str = "") -> tuple[str, bool, bool] | None:  # fmt: skip
-        """(id, in the trash, named with `prefix`) of the parent of the image named `image`
-        or with id `image_id`; None when it has no parent (or is gone)."""
+               prefix: str = "") -> tuple[str, bool] | None:  # fmt: skip
+        """(id, named with `prefix`) of the parent of the image named `image` or with id
+        `image_id`; None when it has no parent (or is gone)."""
         out = ffi.new("char[]", ERROR_BYTES)
-        trash, ours = ffi.new("bool *"), ffi.new("bool *")
+        ours = ffi.new("bool *")
         r = lib.dp_rbd_parent(
             self._native, image.encode() if image else ffi.NULL,
             image_id.encode() if image_id else ffi.NULL, prefix.encode(), out, ERROR_BYTES,
-            trash, ours,
+            ours,
         )  # fmt: skip
         if r == -errno.ENOENT:
             return None
         if r < 0:
             raise self._error(r, f"reading the parent of rbd image {image or image_id}")
-        return ffi.string(out).decode(), bool(trash[0]), bool(ours[0])
+        return ffi.string(out).decode(), bool(ours[0])
 
-    def trash_move(self, image: str) -> None:
-        r = lib.dp_rbd_trash_move(self._native, image.encode())
+    def trash_move(self, image: str) -> str:
+        """Moves the image to the pool's trash; returns its id, which names it there."""
+        out = ffi.new("char[]", ERROR_BYTES)
+        r = lib.dp_rbd_trash_move(self._native, image.encode(), out, ERROR_BYTES)
         if r < 0:
             raise self._error(r, f"moving rbd image {self.access.pool}/{image} to the trash")
+        return str(ffi.string(out).decode())
 
     def trash_remove(self, image_id: str) -> bool:
         """Removes the image from the trash; False while it still has snapshots (or
-        watchers) and is left there."""
+        watchers) and is left there, or when it is not in the trash."""
         r = lib.dp_rbd_trash_remove(self._native, image_id.encode())
         if r in (-errno.ENOTEMPTY, -errno.EBUSY, -errno.ENOENT):
             return False

@@ -196,7 +196,11 @@ def _snapshot_id(snap: str, pool: str) -> str | None:
 
 def _remove(cluster: RbdCluster, image: str) -> None:
     """Removes the image, or moves it to the trash while clones need one of its (trashed)
-    snapshots; then removes the trashed ancestors that no clone needs any more."""
+    snapshots; then removes the trashed ancestors that no clone needs any more.
+
+    Two deletions may race (a volume and its last clone): each tries to empty the trash
+    after its own step, whatever it saw before, so that one of them finds the image
+    without snapshots and in the trash."""
     parent = cluster.parent(image, prefix=IMAGE_PREFIX)
     try:
         cluster.remove(image)
@@ -206,14 +210,15 @@ def _remove(cluster: RbdCluster, image: str) -> None:
                 f"rbd image {cluster.access.pool}/{image} has snapshots csi-vduse did not "
                 f"take ({', '.join(names)})"
             ) from None
-        cluster.trash_move(image)
-        log.info("rbd image %s/%s moved to the trash: clones still need it",
-                 cluster.access.pool, image)  # fmt: skip
-        return
-    while parent is not None and parent[1] and parent[2]:
+        image_id = cluster.trash_move(image)
+        if not cluster.trash_remove(image_id):
+            log.info("rbd image %s/%s moved to the trash: clones still need it",
+                     cluster.access.pool, image)  # fmt: skip
+            return
+    while parent is not None and parent[1]:
         image_id = parent[0]
         parent = cluster.parent(image_id=image_id, prefix=IMAGE_PREFIX)
-        if not cluster.trash_remove(image_id):
+        if not cluster.trash_remove(image_id):  # in use, still needed, or not in the trash
             return
         log.info("rbd image %s removed from the trash of pool %s: no clone needs it",
                  image_id, cluster.access.pool)  # fmt: skip

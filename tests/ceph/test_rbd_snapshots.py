@@ -194,3 +194,37 @@ def test_a_snapshot_deleted_before_its_restore_leaves_nothing_once_both_volumes_
     provisioner.delete(restored.volume_id, secrets)
     provisioner.delete(source.volume_id, secrets)
     assert images(ceph) == ([], [])
+
+
+def test_a_volume_and_its_last_clone_deleted_together_leave_nothing(
+    services: tuple[Provisioner, Snapshots], ceph: CephCluster, secrets: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The provisioner deletes volumes concurrently. The source's removal fails (its trashed
+    snapshot is still needed), the clone then goes and takes that snapshot along while the
+    source is not yet in the trash, and only then does the source move there: whichever
+    deletion comes last still removes it."""
+    provisioner, snapshots = services
+    rbd_class = {"backend": "rbd", "pool": ceph.pool}
+    source = provisioner.create("pvc-race", 8 * MiB, 0, rbd_class, secrets=secrets)
+    snapshot = snapshots.create("snap-race", source.volume_id, secrets)
+    restored = provisioner.create("pvc-race-restored", 0, 0, rbd_class,
+                                  source=("snapshot", snapshot.snapshot_id),
+                                  secrets=secrets)  # fmt: skip
+    snapshots.delete(snapshot.snapshot_id, secrets)
+    remove = rbd.RbdCluster.remove
+    interleaved: list[str] = []
+
+    def remove_then_delete_the_clone(cluster: rbd.RbdCluster, image: str) -> bool:
+        try:
+            return remove(cluster, image)
+        except rbd.ImageHasSnapshots:
+            if not interleaved:
+                interleaved.append(image)
+                provisioner.delete(restored.volume_id, secrets)
+            raise
+
+    monkeypatch.setattr(rbd.RbdCluster, "remove", remove_then_delete_the_clone)
+    provisioner.delete(source.volume_id, secrets)
+    assert interleaved == [image_of(source.volume_id)]
+    assert images(ceph) == ([], [])

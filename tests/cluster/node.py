@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,19 +92,25 @@ class Node:
     def logs(self) -> Path:
         return self.workdir / "logs"
 
-    def start(self, timeout: float = 600) -> dict[str, float]:
+    def start(
+        self, timeout: float = 600, progress: Callable[[str], None] = print
+    ) -> dict[str, float]:
         """Brings the cluster up; returns the seconds each stage took. containerd imports the
-        images while the control plane starts."""
+        images while the control plane starts. `progress` hears of each stage as it ends, so
+        that a start that stalls shows where."""
         timings: dict[str, float] = {}
         self.logs.mkdir(parents=True, exist_ok=True)
         _delegate_cgroup_controllers()
         _prepare_host(self.workdir)
         started = time.monotonic()
-        self._start_containerd(started + timeout)
+        deadline = started + timeout
+        self._start_containerd(deadline)
+        progress(f"containerd up in {time.monotonic() - started:.0f} s")
         imports = ThreadPoolExecutor(1)
-        imported = imports.submit(self._import_images)
+        imported = imports.submit(self._import_images, deadline, progress)
         self.plane = ControlPlane(self.workdir / "control-plane", self.bins)
         timings["control plane"] = self.plane.start(timeout=timeout)
+        progress(f"control plane up in {timings['control plane']:.0f} s")
         self._route_kubernetes_service()
         timings["containerd and image import"] = imported.result(timeout)
         imports.shutdown()
@@ -112,13 +119,28 @@ class Node:
         self.wait_node_ready(time.monotonic() + timeout)
         timings["kubelet and node ready"] = time.monotonic() - mark
         timings["cluster"] = time.monotonic() - started
+        progress(f"node Ready after {timings['cluster']:.0f} s")
         return timings
 
-    def _import_images(self) -> float:
+    def _import_images(self, deadline: float, progress: Callable[[str], None]) -> float:
         started = time.monotonic()
-        for archive in self.images.values():
-            self.import_image(archive)
+        for name, archive in self.images.items():
+            mark = time.monotonic()
+            self.import_image(archive, timeout=max(deadline - mark, 1))
+            progress(f"image {name} imported in {time.monotonic() - mark:.0f} s")
         return time.monotonic() - started
+
+    def log_tails(self, lines: int = 25) -> str:
+        """The last lines of every component's log (the plane's and the node's): what a
+        failed start or step shows."""
+        logs = sorted(self.logs.glob("*.log"))
+        if self.plane is not None:
+            logs += sorted((self.plane.workdir / "logs").glob("*.log"))
+        parts = []
+        for log in logs:
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {log.name}\n" + "\n".join(line[:400] for line in tail))
+        return "\n".join(parts)
 
     def stop(self) -> None:
         for name in reversed(list(self.processes)):
@@ -236,17 +258,17 @@ state = '/run/containerd'
                 raise ControlPlaneError("containerd did not open its socket")
             time.sleep(0.2)
 
-    def ctr(self, *args: str) -> str:
+    def ctr(self, *args: str, timeout: float = 300) -> str:
         result = subprocess.run(
             [str(self.bins["ctr"]), f"--address={CONTAINERD_SOCKET}", "--namespace=k8s.io",
-             *args], capture_output=True, text=True,
+             *args], capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         if result.returncode != 0:
             raise ControlPlaneError(f"ctr {' '.join(args)}: {result.stderr[-2000:]}")
         return result.stdout
 
-    def import_image(self, archive: Path) -> None:
-        self.ctr("images", "import", "--all-platforms", str(archive))
+    def import_image(self, archive: Path, timeout: float = 300) -> None:
+        self.ctr("images", "import", "--all-platforms", str(archive), timeout=timeout)
 
     # kubelet
 

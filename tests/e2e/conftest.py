@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,19 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 def name() -> str:
     return f"e2e-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report ends with the plugin's log: its work dir goes with the test."""
+    report = yield
+    plugin = getattr(item, "funcargs", {}).get("plugin")
+    if report.when == "call" and report.failed and isinstance(plugin, Plugin):
+        tail = plugin.log.read_text(errors="replace").splitlines()[-60:]
+        report.sections.append(("plugin log, last lines", "\n".join(x[:500] for x in tail)))
+    return report
 
 
 @pytest.fixture

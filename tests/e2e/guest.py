@@ -98,4 +98,11 @@ class NestedGuest:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            # SIGKILL waits for I/O the process has in the kernel: a disk that stopped
+            # completing requests keeps QEMU here. Fail instead of hanging the suite.
+            raise AssertionError(
+                "QEMU outlived SIGKILL by 60 s: its disk's I/O never completed"
+            ) from None

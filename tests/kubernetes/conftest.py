@@ -5,6 +5,7 @@ user takes, in file order, and records how long it took."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +30,23 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Node]:
+def cluster(pytestconfig: pytest.Config) -> Iterator[Node]:
     images = lab_images()
     images.pop("python-base")  # the plugin image's base, nothing runs it
     node = Node(Path(os.environ.get("LAB_SCRATCH", "/run/scratch")) / "cluster", images)
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    saying = threading.Lock()  # the image import thread says things too
+
+    def say(message: str) -> None:  # as it happens, past the capture: a stall shows where
+        with saying, capture.global_and_fixture_disabled():
+            print(f"cluster: {message}", flush=True)
+
     try:
-        TIMINGS.update(node.start())
+        try:
+            TIMINGS.update(node.start(progress=say))
+        except BaseException:
+            say(f"start failed; the logs end:\n{node.log_tails()}")
+            raise
         yield node
     finally:
         node.stop()

@@ -102,8 +102,8 @@ int dp_rbd_snap_names(struct dp_rbd_cluster *c, const char *name, char *out, siz
 int dp_rbd_clone(struct dp_rbd_cluster *c, const char *parent, const char *snap,
                  const char *child);
 int dp_rbd_parent(struct dp_rbd_cluster *c, const char *name, const char *id,
-                  const char *prefix, char *parent_id, size_t idlen, bool *trash, bool *ours);
-int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name);
+                  const char *prefix, char *parent_id, size_t idlen, bool *ours);
+int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name, char *id, size_t idlen);
 int dp_rbd_trash_remove(struct dp_rbd_cluster *c, const char *id);
 int dp_rbd_pool_meta(struct dp_rbd_cluster *c, const char *key, const char *value, char *out,
                      size_t *outlen);

@@ -286,10 +286,10 @@ int dp_rbd_clone(struct dp_rbd_cluster *c, const char *parent, const char *snap,
 }
 
 /* The id of the parent of the image `name` (or, name NULL, of the image with id `id`, as
- * one in the trash is reached), with *trash set when that parent is in the trash, and
- * *ours when its name starts with `prefix`. -ENOENT: no such image, or no parent. */
+ * one in the trash is reached), with *ours set when its name starts with `prefix`.
+ * -ENOENT: no such image, or no parent. */
 int dp_rbd_parent(struct dp_rbd_cluster *c, const char *name, const char *id,
-                  const char *prefix, char *parent_id, size_t idlen, bool *trash, bool *ours)
+                  const char *prefix, char *parent_id, size_t idlen, bool *ours)
 {
     rbd_image_t image;
     int r = name ? rbd_open_read_only(c->ioctx, name, &image, NULL)
@@ -306,7 +306,6 @@ int dp_rbd_parent(struct dp_rbd_cluster *c, const char *name, const char *id,
         r = -ERANGE;
     } else {
         strcpy(parent_id, spec.image_id);
-        *trash = spec.trash;
         *ours = strncmp(spec.image_name, prefix, strlen(prefix)) == 0;
     }
     rbd_linked_image_spec_cleanup(&spec);
@@ -314,10 +313,17 @@ int dp_rbd_parent(struct dp_rbd_cluster *c, const char *name, const char *id,
     return r;
 }
 
-/* Moves the image to the pool's trash, where it stays while clones need it. */
-int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name)
+/* Moves the image to the pool's trash, where it stays while clones need it; its id (what
+ * names it there) goes to `id`. */
+int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name, char *id, size_t idlen)
 {
-    return rbd_trash_move(c->ioctx, name, 0);
+    rbd_image_t image;
+    int r = rbd_open_read_only(c->ioctx, name, &image, NULL);
+    if (r < 0)
+        return r;
+    r = rbd_get_id(image, id, idlen);
+    rbd_close(image);
+    return r < 0 ? r : rbd_trash_move(c->ioctx, name, 0);
 }
 
 /* Removes the image with id `id` from the trash; -ENOTEMPTY while it has snapshots (a
@@ -617,12 +623,12 @@ int dp_rbd_clone(struct dp_rbd_cluster *c, const char *parent, const char *snap,
 }
 
 int dp_rbd_parent(struct dp_rbd_cluster *c, const char *name, const char *id,
-                  const char *prefix, char *parent_id, size_t idlen, bool *trash, bool *ours)
+                  const char *prefix, char *parent_id, size_t idlen, bool *ours)
 {
     return -ENOSYS;
 }
 
-int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name)
+int dp_rbd_trash_move(struct dp_rbd_cluster *c, const char *name, char *id, size_t idlen)
 {
     return -ENOSYS;
 }
