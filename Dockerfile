@@ -82,14 +82,17 @@ RUN apt-get update \
         mount \
         util-linux \
         xfsprogs \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/*
 
 # Installed from the builder's wheels through a bind mount, so no wheel stays in a layer; no
 # index is used, so what runs is exactly what the builder resolved. Into a virtual environment
 # for the builder's reason; its bin/ comes first on PATH, so `csi-vduse` and `python` are its.
+# pip and setuptools leave with the install: nothing at run time needs them.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python3 -m venv /opt/csi-vduse \
-    && /opt/csi-vduse/bin/pip install --no-cache-dir --no-index --find-links=/wheels csi-vduse
+    && /opt/csi-vduse/bin/pip install --no-cache-dir --no-index --find-links=/wheels csi-vduse \
+    && /opt/csi-vduse/bin/pip uninstall --yes --quiet pip setuptools
 ENV PATH=/opt/csi-vduse/bin:$PATH
 
 # Smoke test: the command runs, the compiled extension (with io_uring and RBD built in) and the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ ModeValue: TypeAlias = pb.VolumeCapability.AccessMode.Mode
 # kubelet and the sidecars give every call a deadline; under software emulation ours is
 # longer, and a call that hangs fails its test instead of the suite's time limit
 CALL_TIMEOUT = 300.0
+START_TIMEOUT = 120.0
 
 
 class _Deadline(grpc.UnaryUnaryClientInterceptor):
@@ -71,15 +73,17 @@ class Plugin:
         argv += self.args
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
-        deadline = time.monotonic() + 120
+        # Polled with connect(2), not through gRPC: a channel that found no server retries
+        # only after its backoff, seconds later.
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _listening(self.socket):  # a socket a killed process left is refused
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"plugin not serving {self.socket} after {START_TIMEOUT:.0f} s "
+                    f"(exit code {self.proc.poll()}):\n{self.log.read_text()}"
+                )
+            time.sleep(0.05)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
-        while True:  # a socket a killed process left behind answers nothing
-            try:
-                grpc.channel_ready_future(self.channel).result(timeout=1)
-                break
-            except grpc.FutureTimeoutError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"plugin did not start:\n{self.log.read_text()}") from None
         calls = grpc.intercept_channel(self.channel, _Deadline())
         self.identity = rpc_pb.IdentityStub(calls)
         self.controller = rpc_pb.ControllerStub(calls)
@@ -90,6 +94,15 @@ class Plugin:
         self.channel.close()
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=60)
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def code_of(call: Callable[[], Any]) -> grpc.StatusCode:

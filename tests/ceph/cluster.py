@@ -145,6 +145,10 @@ class CephCluster:
             "paxos propose interval": "0.1",
             "paxos min wait": "0.01",
             "mon tick interval": "1",
+            # A killed client's watch, and so its exclusive lock, lapses after this many
+            # seconds (30 by default): the tests that kill a writer wait it out. Clients ping
+            # every 5 s (objecter tick), so a live one keeps its watch.
+            "osd client watch timeout": "15",
         }
         return "[global]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests import apt
+
 HERE = Path(__file__).resolve().parent
 VERSIONS_FILE = HERE / "versions.env"
 NICE = ["nice", "-n", os.environ.get("CSI_VDUSE_BUILD_NICE", "19")]
@@ -89,6 +91,8 @@ class GoComponent:
     """Published version that replaces go.mod's ``=> ./local/dir`` directives."""
     build_debs: tuple[str, ...] = ()
     """Debian packages the build needs (cgo headers and libraries)."""
+    on_request: bool = False
+    """Built only when named (a tool for people, which no test runs)."""
 
     @property
     def targets(self) -> list[str]:
@@ -217,27 +221,15 @@ def ensure_go(component: GoComponent) -> dict[str, Path]:
 
 
 def installed_deb_version(package: str) -> str | None:
-    proc = subprocess.run(
-        ["dpkg-query", "-W", "-f", "${db:Status-Status} ${Version}", package],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    status, _, version = proc.stdout.partition(" ")
-    return version if proc.returncode == 0 and status == "installed" else None
+    return apt.installed_version(package)
 
 
 def apt_install(packages: list[str]) -> None:
-    if os.geteuid() != 0:
-        raise BuildError(f"apt packages {packages} are missing and this is not root")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     log(f"installing {' '.join(packages)} with apt-get")
     try:
-        run(cmd, env=env)
-    except BuildError:
-        run(["apt-get", "update"], env=env)
-        run(cmd, env=env)
+        apt.install(packages, recommends=False)
+    except apt.AptError as error:
+        raise BuildError(str(error)) from None
 
 
 def ensure_debs(components: list[DebComponent]) -> dict[str, Path]:
@@ -318,6 +310,7 @@ def go_components(v: dict[str, str]) -> list[GoComponent]:
             v["CRICTL_VERSION"],
             ("cmd/crictl",),
             version_ldflags=("sigs.k8s.io/cri-tools/pkg/version.Version={version}",),
+            on_request=True,  # for a person looking into the lab's containers
         ),
         GoComponent(
             "helm",
@@ -387,7 +380,7 @@ def ensure_components(only: Sequence[str] | None = None) -> dict[str, Path]:
     if wanted is None or "debian" in wanted:
         paths.update(ensure_debs(deb_components(versions)))
     for component in go_components(versions):
-        if wanted is None or component.name in wanted:
+        if component.name in (wanted or ()) or (wanted is None and not component.on_request):
             paths.update(ensure_go(component))
     return paths
 

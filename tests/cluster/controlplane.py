@@ -84,7 +84,9 @@ def make_ca(pki: Pki) -> None:
         "req",
         "-x509",
         "-newkey",
-        "rsa:2048",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
         "-nodes",
         "-sha256",
         "-days",
@@ -106,7 +108,7 @@ def make_cert(pki: Pki, name: str, subject: str, usage: str, sans: str | None = 
     ext = pki.dir / f"{name}.ext"
     lines = [
         "basicConstraints=critical,CA:FALSE",
-        "keyUsage=critical,digitalSignature,keyEncipherment",
+        "keyUsage=critical,digitalSignature",
         f"extendedKeyUsage={usage}",
     ]
     if sans:
@@ -117,7 +119,9 @@ def make_cert(pki: Pki, name: str, subject: str, usage: str, sans: str | None = 
         "req",
         "-new",
         "-newkey",
-        "rsa:2048",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
         "-nodes",
         "-subj",
         subject,
@@ -168,9 +172,8 @@ def make_pki(pki: Pki) -> None:
     make_cert(pki, "loopback-serving", "/CN=localhost", SERVER_EKU, LOOPBACK_SANS)
     for name, subject in CLIENTS.items():
         make_cert(pki, name, subject, CLIENT_EKU)
-    openssl(
-        "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(pki.sa_key)
-    )
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out",
+            str(pki.sa_key))  # fmt: skip
     openssl("pkey", "-in", str(pki.sa_key), "-pubout", "-out", str(pki.sa_pub))
 
 

@@ -501,9 +501,27 @@ def plugin_recipe(base_archive: Path) -> Recipe:
             )
             remove_storage(storage)
         (manifest,) = json.loads((layout / "index.json").read_text())["manifests"]
+        if leftovers := build_leftovers(layout, manifest):
+            raise BuildError(f"the plugin image keeps what its build left: {leftovers[:5]}")
         write_index(layout, manifest, reference)
 
     return Recipe("csi-vduse", reference, inputs, build)
+
+
+# apt's downloads and caches, pip's: what an image must not ship (every node pulls it)
+LEFTOVERS = re.compile(r"var/cache/apt/(archives/[^/]+\.deb|[^/]+\.bin)|var/lib/apt/lists/[^/]+_"
+                       r"|root/\.cache/pip/.")  # fmt: skip
+
+
+def build_leftovers(layout: Path, manifest: dict[str, Any]) -> list[str]:
+    """The files in the image's layers (of `layout`) that LEFTOVERS names."""
+    blob = layout / "blobs" / "sha256" / manifest["digest"].split(":", 1)[1]
+    found = []
+    for layer in json.loads(blob.read_text())["layers"]:
+        path = layout / "blobs" / "sha256" / layer["digest"].split(":", 1)[1]
+        with tarfile.open(path) as tar:  # plain or gzip, as tarfile finds
+            found += [m.name for m in tar if LEFTOVERS.match(m.name.removeprefix("./"))]
+    return found
 
 
 def remove_storage(storage: Path) -> None:

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,8 @@ POD_CIDR = "10.244.0.0/24"
 NODE_LINK = "lab0"
 NODE_IP = "10.200.0.1"  # on NODE_LINK; nothing listens there, see _route_kubernetes_service
 CONTAINERD_SOCKET = Path("/run/containerd/containerd.sock")
+# A block device holding containerd's root with the images imported (tests.cluster.image_cache)
+IMAGE_CACHE_ENV = "CSI_VDUSE_IMAGE_CACHE"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 KUBELET_DIR = Path("/var/lib/kubelet")
 
@@ -81,6 +83,7 @@ class Node:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     kubelet_port: int = field(default_factory=free_port)
     kubelet_healthz_port: int = field(default_factory=free_port)
+    imported: Future[float] | None = None
 
     @property
     def kubelet_dir(self) -> Path:
@@ -92,28 +95,37 @@ class Node:
     def logs(self) -> Path:
         return self.workdir / "logs"
 
+    @property
+    def pod_logs(self) -> Path:
+        return self.workdir / "pod-logs"
+
+    @property
+    def containerd_root(self) -> Path:
+        return self.workdir / "containerd"
+
     def start(
         self, timeout: float = 600, progress: Callable[[str], None] = print
     ) -> dict[str, float]:
         """Brings the cluster up; returns the seconds each stage took. containerd imports the
-        images while the control plane starts. `progress` hears of each stage as it ends, so
-        that a start that stalls shows where."""
+        images while the control plane and the kubelet start and the first steps run (they
+        start no pod): wait_for_images() waits for the import. `progress` hears of each stage
+        as it ends, so that a start that stalls shows where."""
         timings: dict[str, float] = {}
         self.logs.mkdir(parents=True, exist_ok=True)
         _delegate_cgroup_controllers()
         _prepare_host(self.workdir)
         started = time.monotonic()
         deadline = started + timeout
-        self._start_containerd(deadline)
+        if cache := os.environ.get(IMAGE_CACHE_ENV):  # tests.cluster.image_cache
+            self.containerd_root.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", cache, str(self.containerd_root)], check=True)
+        self.start_containerd(deadline)
         progress(f"containerd up in {time.monotonic() - started:.0f} s")
-        imports = ThreadPoolExecutor(1)
-        imported = imports.submit(self._import_images, deadline, progress)
+        self.imported = ThreadPoolExecutor(1).submit(self._import_images, deadline, progress)
         self.plane = ControlPlane(self.workdir / "control-plane", self.bins)
         timings["control plane"] = self.plane.start(timeout=timeout)
         progress(f"control plane up in {timings['control plane']:.0f} s")
         self._route_kubernetes_service()
-        timings["containerd and image import"] = imported.result(timeout)
-        imports.shutdown()
         mark = time.monotonic()
         self._start_kubelet()
         self.wait_node_ready(time.monotonic() + timeout)
@@ -122,24 +134,37 @@ class Node:
         progress(f"node Ready after {timings['cluster']:.0f} s")
         return timings
 
+    def wait_for_images(self, timeout: float = 600) -> float:
+        """Waits for the images start() imports; the seconds the import took."""
+        assert self.imported is not None, "start() first"
+        try:
+            return self.imported.result(timeout)
+        except TimeoutError:
+            raise ControlPlaneError(f"the images were not imported in {timeout:.0f} s") from None
+
     def _import_images(self, deadline: float, progress: Callable[[str], None]) -> float:
         started = time.monotonic()
+        present = set(self.ctr("images", "list", "--quiet").split())
         for name, archive in self.images.items():
+            if image_reference(archive) in present:
+                continue
             mark = time.monotonic()
             self.import_image(archive, timeout=max(deadline - mark, 1))
             progress(f"image {name} imported in {time.monotonic() - mark:.0f} s")
         return time.monotonic() - started
 
     def log_tails(self, lines: int = 25) -> str:
-        """The last lines of every component's log (the plane's and the node's): what a
-        failed start or step shows."""
+        """The last lines of every component's log (the plane's and the node's) and of every
+        container's: what a failed start or step shows."""
         logs = sorted(self.logs.glob("*.log"))
         if self.plane is not None:
             logs += sorted((self.plane.workdir / "logs").glob("*.log"))
+        logs += sorted(self.pod_logs.glob("*/*/*.log"))
         parts = []
         for log in logs:
             tail = log.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {log.name}\n" + "\n".join(line[:400] for line in tail))
+            name = log.relative_to(self.workdir)
+            parts.append(f"--- {name}\n" + "\n".join(line[:400] for line in tail))
         return "\n".join(parts)
 
     def stop(self) -> None:
@@ -229,7 +254,7 @@ class Node:
         runtime = "plugins.'io.containerd.cri.v1.runtime'"
         config = self.workdir / "containerd.toml"
         config.write_text(f"""version = 3
-root = '{self.workdir / "containerd"}'
+root = '{self.containerd_root}'
 state = '/run/containerd'
 [grpc]
   address = '{CONTAINERD_SOCKET}'
@@ -248,7 +273,7 @@ state = '/run/containerd'
 """)
         return config
 
-    def _start_containerd(self, deadline: float) -> None:
+    def start_containerd(self, deadline: float) -> None:
         config = self._containerd_config()
         env = dict(os.environ, PATH=f"{self.bins['containerd'].parent}:{os.environ['PATH']}")
         self._spawn("containerd", [str(self.bins["containerd"]), f"--config={config}"], env)
@@ -300,7 +325,7 @@ state = '/run/containerd'
             "enforceNodeAllocatable": [],
             "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
             "failSwapOn": False,
-            "podLogsDir": str(self.workdir / "pod-logs"),
+            "podLogsDir": str(self.pod_logs),
             "resolvConf": str(resolv),
             "podCIDR": POD_CIDR,
             "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",

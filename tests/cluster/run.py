@@ -12,6 +12,7 @@ import shlex
 import sys
 import time
 
+from tests.cluster import image_cache
 from tests.cluster.prepare import prepare
 from tests.lab.runner import exit_on_sigterm, run
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args, pytest_args = parser.parse_known_args(argv)
     exit_on_sigterm()
     started = time.monotonic()
-    env = prepare()
+    env, disks = image_cache.attached(prepare())
     print(f"cluster: components and images ready in {time.monotonic() - started:.0f} s", flush=True)
     command = ["python", "-m", "pytest", "tests/kubernetes", "-q", "-rA", "-p", "no:cacheprovider"]
     result = run(
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_mib=args.memory,
         extra_env=env,
         kernel="debian612",
+        disks=disks,
     )
     print(f"cluster: {time.monotonic() - started:.0f} s in all", flush=True)
     return result.returncode

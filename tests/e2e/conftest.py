@@ -21,6 +21,12 @@ def pytest_configure(config: pytest.Config) -> None:
             "the e2e tests need a VDUSE kernel: run them through the lab, "
             "python -m tests.lab.runner -- python -m pytest tests/e2e"
         )
+    config.addinivalue_line(
+        "markers",
+        "any_kernel: what it checks is decided above the kernel (argument and request checks, "
+        "the CSI logic, a backend, QoS, snapshots): the test command runs it on one lab kernel "
+        "only, `-m 'not any_kernel'` on the other",
+    )
 
 
 @pytest.fixture
@@ -43,11 +49,29 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failed test's report ends with the plugin's log: its work dir goes with the test."""
     report = yield
-    plugin = getattr(item, "funcargs", {}).get("plugin")
+    args = getattr(item, "funcargs", {})
+    plugin = args.get("plugin", args.get("shared_plugin"))
     if report.when == "call" and report.failed and isinstance(plugin, Plugin):
         tail = plugin.log.read_text(errors="replace").splitlines()[-60:]
         report.sections.append(("plugin log, last lines", "\n".join(x[:500] for x in tail)))
     return report
+
+
+@pytest.fixture(scope="module")
+def shared_plugin() -> Iterator[Plugin]:
+    """One `csi-vduse serve` for the tests of a module that leave it as they found it (each
+    starting its own costs seconds under emulation); it must leave no mount behind."""
+    base = Path(os.environ.get("LAB_SCRATCH", "/run/scratch"))
+    root = base / f"m-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True)
+    p = Plugin(root)
+    yield p
+    p.stop()
+    leftovers = [m.target for m in mounts_under(root)]
+    for target in reversed(leftovers):
+        run("umount", "-l", target, check=False)
+    shutil.rmtree(root, ignore_errors=True)
+    assert not leftovers, f"mounts left behind: {leftovers}"
 
 
 @pytest.fixture

@@ -216,12 +216,16 @@ def test_stage_racing_itself_gives_one_success_and_aborted(plugin: Plugin, workd
         ("relative staging path", "ours", mount_cap(), "relative", C.INVALID_ARGUMENT),
     ],
 )  # fmt: skip
+@pytest.mark.any_kernel
 def test_bad_stage_requests_leave_nothing_behind(
-    plugin: Plugin, workdir: Path, what: str, volume_id: str,
+    shared_plugin: Plugin, what: str, volume_id: str,
     cap: pb.VolumeCapability | None, staging: str, code: grpc.StatusCode,
 ) -> None:  # fmt: skip
+    plugin, root = shared_plugin, shared_plugin.root
+    work = root / what.replace(" ", "-")
+    work.mkdir()
     vid = create(plugin, "pvc-bad", mount_cap()) if volume_id == "ours" else volume_id
-    path = {"ok": workdir / "staging", "missing": workdir / "nope" / "staging",
+    path = {"ok": work / "staging", "missing": work / "nope" / "staging",
             "relative": Path("staging")}[staging]  # fmt: skip
     if staging == "ok":
         path.mkdir()
@@ -232,8 +236,8 @@ def test_bad_stage_requests_leave_nothing_behind(
     assert got == code, f"{what}: {got} {message}"
     assert message
     assert device_count() == 0
-    assert not mounts_under(workdir)
-    assert not list((workdir / "state" / "staged").glob("*.json"))
+    assert not mounts_under(root)
+    assert not list((root / "state" / "staged").glob("*.json"))
 
 
 def test_every_call_twice_gives_the_same_answer(plugin: Plugin, workdir: Path) -> None:
@@ -269,6 +273,7 @@ def test_every_call_twice_gives_the_same_answer(plugin: Plugin, workdir: Path) -
     assert dict(info.accessible_topology.segments) == {"topology.vduse.csi.dev/node": "node-1"}
 
 
+@pytest.mark.any_kernel
 def test_a_formatted_volume_is_never_reformatted(plugin: Plugin, workdir: Path) -> None:
     cap = mount_cap()
     vid = create(plugin, "pvc-keep", cap)
@@ -319,6 +324,7 @@ def test_plugin_restart_keeps_serving_and_no_io_fails(plugin: Plugin, workdir: P
     assert device_count() == 0
 
 
+@pytest.mark.any_kernel
 @pytest.mark.parametrize("block", [False, True])
 def test_a_single_writer_volume_is_published_once(
     plugin: Plugin, workdir: Path, block: bool

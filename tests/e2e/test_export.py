@@ -186,6 +186,7 @@ def test_two_devices_are_independent_and_a_duplicate_name_disturbs_nothing(
         (["{dir}/disk.img", "--size", "1G", "--name", "../evil"], "may hold only"),
     ],
 )
+@pytest.mark.any_kernel
 def test_bad_export_arguments_fail_in_one_line_and_create_nothing(
     workdir: Path, name: str, args: list[str], message: str
 ) -> None:

@@ -28,6 +28,7 @@ from tests.e2e.helpers import Export, assert_gone, run
 
 MiB = 1 << 20
 C = grpc.StatusCode
+pytestmark = pytest.mark.any_kernel  # the kernel's part is the file backend's
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,7 @@ def mbr(sectors: int) -> bytes:
     return bytes(sector)
 
 
+@pytest.mark.any_kernel
 def test_a_disk_with_a_partition_table_is_never_formatted(plugin: Plugin, workdir: Path) -> None:
     """A Block volume a VM image was written to, later staged as a Filesystem."""
     vid = create(plugin, "pvc-vm-disk", block_cap(), size=64 * MiB)
@@ -256,6 +257,7 @@ def test_the_smallest_queue_passes_fio_verify(workdir: Path, name: str) -> None:
         assert exp.stop() == 0
 
 
+@pytest.mark.any_kernel
 def test_out_of_space_shows_in_the_condition_until_space_returns(workdir: Path) -> None:
     data = workdir / "data"
     data.mkdir()
@@ -291,6 +293,7 @@ def mounts_free(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+@pytest.mark.any_kernel
 def test_a_thick_volume_keeps_its_blocks(plugin: Plugin, workdir: Path) -> None:
     cap = block_cap()
     vid = plugin.controller.CreateVolume(pb.CreateVolumeRequest(
@@ -309,6 +312,7 @@ def test_a_thick_volume_keeps_its_blocks(plugin: Plugin, workdir: Path) -> None:
     unstage(plugin, vid, staging)
 
 
+@pytest.mark.any_kernel
 def test_health_and_metrics(plugin: Plugin, workdir: Path) -> None:
     vid = create(plugin, "pvc-metrics", block_cap(), size=32 * MiB)
     staging = workdir / "staging"

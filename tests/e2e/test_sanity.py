@@ -14,6 +14,8 @@ from tests.cluster.build import component_path
 from tests.csi_client import Plugin
 from tests.e2e.test_csi import device_count
 
+pytestmark = pytest.mark.any_kernel  # the CSI spec's checks; the kernel's part runs in test_csi
+
 
 @pytest.fixture
 def plugin(workdir: Path) -> Iterator[Plugin]:

@@ -9,10 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from csi_vduse.csi.proto import csi_pb2 as pb
 from tests.csi_client import MiB, Plugin, block_cap, mount_cap
 from tests.e2e.helpers import run
 from tests.e2e.test_csi import publish, stage, unpublish, unstage
+
+pytestmark = pytest.mark.any_kernel  # the copies and QoS are the data plane's, not the kernel's
 
 
 def create(p: Plugin, name: str, cap: pb.VolumeCapability, size: int, **kw: object) -> pb.Volume:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.kernel import sysfs
@@ -70,6 +71,7 @@ def vhost_disk(node: Path) -> list[str]:
     return ["-device", f"vhost-vdpa-device-pci,vhostdev={node}"]
 
 
+@pytest.mark.timeout(3 * BOOT_TIMEOUT)
 def test_vm_on_a_vhost_vdpa_volume_survives_reboot_and_plugin_kill(
     plugin: Plugin, workdir: Path
 ) -> None:
@@ -100,6 +102,8 @@ def test_vm_on_a_vhost_vdpa_volume_survives_reboot_and_plugin_kill(
     assert_guest_data(workdir / "data" / "volumes" / f"{vid}.img")
 
 
+@pytest.mark.any_kernel
+@pytest.mark.timeout(2 * BOOT_TIMEOUT)
 def test_vm_on_a_block_volume_as_kubevirt_attaches_it(plugin: Plugin, workdir: Path) -> None:
     """KubeVirt today: a Block PVC (here /dev/vdX through virtio_vdpa) as QEMU's host_device."""
     cap = block_cap()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,8 @@ from tests.cluster.node import Node
 from tests.cluster.prepare import lab_images
 
 TIMINGS: dict[str, float] = {}
+STEP_TIMEOUT = 1200  # seconds a step may take (pytest-timeout) before it fails with the logs
+RUNNING: list[Node] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,9 +49,29 @@ def cluster(pytestconfig: pytest.Config) -> Iterator[Node]:
         except BaseException:
             say(f"start failed; the logs end:\n{node.log_tails()}")
             raise
+        RUNNING.append(node)
         yield node
     finally:
+        RUNNING.clear()
         node.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(STEP_TIMEOUT))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed step's report ends with the last lines of every component's log and of the
+    pods' (the plugin's among them)."""
+    report = yield
+    if report.when == "call" and report.failed and RUNNING:
+        report.sections.append(("cluster logs, last lines", RUNNING[0].log_tails(lines=20)))
+    return report
 
 
 @pytest.fixture(autouse=True)

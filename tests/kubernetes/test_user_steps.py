@@ -27,6 +27,7 @@ from tests.cluster.node import NODE_NAME, Node
 from tests.cluster.prepare import snapshot_crds
 from tests.csi_client import Plugin
 from tests.kubernetes.agents import Agent
+from tests.kubernetes.conftest import TIMINGS
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "kube-system"
@@ -129,6 +130,7 @@ def ready(pod: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def k8s(cluster: Node) -> Cluster:
+    TIMINGS["image import (beside the first steps)"] = cluster.wait_for_images()
     c = Cluster(cluster)
     c.images = {name: image_reference(archive) for name, archive in cluster.images.items()}
     return c
@@ -180,11 +182,13 @@ def test_1_helm_install(k8s: Cluster) -> None:
         d for d in k8s.storage.read_csi_node(NODE_NAME).spec.drivers or [] if d.name == DRIVER
     ])  # fmt: skip
     assert csinode[0].node_id == NODE_NAME
-    capacities = wait("CSIStorageCapacity objects", lambda: [
-        c for c in k8s.storage.list_namespaced_csi_storage_capacity(NAMESPACE).items
-        if c.storage_class_name in ("csi-vduse", "csi-vduse-block") and c.capacity
-    ])  # fmt: skip
-    assert {c.storage_class_name for c in capacities} == {"csi-vduse", "csi-vduse-block"}
+    # the provisioner publishes one class after the other: wait for both
+    classes = {"csi-vduse", "csi-vduse-block"}
+    wait("a CSIStorageCapacity object with capacity for each of csi-vduse, csi-vduse-block",
+         lambda: classes <= {
+             c.storage_class_name for c in
+             k8s.storage.list_namespaced_csi_storage_capacity(NAMESPACE).items if c.capacity
+         })  # fmt: skip
 
 
 def test_2_filesystem_claim_keeps_its_data_across_pods(k8s: Cluster) -> None:
@@ -470,15 +474,18 @@ def test_5c_a_snapshot_under_write_load_restores_clean_and_a_clone_reads(k8s: Cl
               "spec": {"restartPolicy": "Never", "containers": [{
                   "name": "fio", "image": k8s.images["fio"], "command": ["sh", "-c", (
                       "echo synced-before > /data/before && sync && "
-                      "fio --name=w --directory=/data --rw=randwrite --bs=4k --size=32M "
-                      "--numjobs=2 --ioengine=psync --fsync=16 --time_based --runtime=150 "
-                      "--verify=crc32c --verify_fatal=1 --output-format=json")],
+                      # rounds of writes, each verified, until the test has its copies
+                      "while [ ! -e /data/stop ]; do "
+                      "fio --name=w --directory=/data --rw=randwrite --bs=4k --size=16M "
+                      "--numjobs=2 --ioengine=psync --fsync=16 --verify=crc32c "
+                      "--verify_fatal=1 --output-format=json > /tmp/fio.json "
+                      "|| { cat /tmp/fio.json; exit 1; }; done; cat /tmp/fio.json")],
                   "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
                   "volumes": [{"name": "data", "persistentVolumeClaim": {
                       "claimName": "vduse-snap-src"}}]}}  # fmt: skip
     k8s.apply(yaml.safe_dump_all([claim("vduse-snap-src", "256Mi"), writer]))
     wait("the writer to run", lambda: k8s.pod_phase("vduse-snap-writer") == "Running")
-    time.sleep(15)
+    wait("fio to write", lambda: "w.1.0" in k8s.exec("vduse-snap-writer", "ls /data"))
     snapshot = {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
                 "metadata": {"name": "vduse-snap"},
                 "spec": {"volumeSnapshotClassName": "csi-vduse",
@@ -504,6 +511,7 @@ def test_5c_a_snapshot_under_write_load_restores_clean_and_a_clone_reads(k8s: Cl
     size = int(k8s.exec("vduse-restore-reader", "df -k /data | tail -1").split()[1])
     assert size > 400 * 1024  # restored into a larger claim: the file system grew
 
+    k8s.exec("vduse-snap-writer", "touch /data/stop")  # the round under way is the last
     phase = wait("the writer to finish", lambda: k8s.pod_phase("vduse-snap-writer") in (
         "Succeeded", "Failed") and k8s.pod_phase("vduse-snap-writer"), timeout=900)  # fmt: skip
     log = k8s.core.read_namespaced_pod_log("vduse-snap-writer", "default")

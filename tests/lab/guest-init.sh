@@ -43,17 +43,51 @@ done
 ip link set lo up 2>/dev/null
 mkdir -p /run/scratch
 i=0
-while [ ! -b /dev/sda ] && [ $i -lt 50 ]; do  # a scsi scan after loading its modules
-    sleep 0.1
-    i=$((i + 1))
+for disk in /dev/sda $LAB_DISKS; do
+    while [ ! -b "$disk" ] && [ $i -lt 50 ]; do  # a scsi scan after loading its modules
+        sleep 0.1
+        i=$((i + 1))
+    done
 done
 if [ -b /dev/sda ]; then
     mount -o discard /dev/sda /run/scratch
 fi
 
+# What a command still running at its deadline was doing: every process and what it waits on
+# in the kernel, the kernel's last lines, and the ends of the logs written in the last 30
+# minutes (the plugin's, the cluster's components'). Then the command is stopped.
+overrun() {
+    echo "lab: still running at the deadline of ${LAB_DEADLINE} s; the processes (not the kernel's):"
+    ps -N --ppid 2 -p 2 -o pid,ppid,etimes,stat,wchan:28,args --sort=start_time | cut -c1-300
+    echo "lab: the kernel's last lines:"
+    dmesg | tail -n 40
+    find /run /tmp -path /run/lab -prune -o -type f -name '*.log' -mmin -30 \
+            -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 30 | cut -d' ' -f2- |
+        while read -r log; do
+            echo "lab: the last lines of $log:"
+            tail -n 30 "$log" | cut -c1-400
+        done
+}
+
 cd "$LAB_CWD" || cd /
-/bin/sh /run/lab/command.sh > /run/lab/output.log 2>&1 < /dev/null
-echo $? > /run/lab/rc
+# A session of its own, so that the deadline stops every process the command started.
+setsid /bin/sh /run/lab/command.sh >> /run/lab/output.log 2>&1 < /dev/null &
+command=$!
+if [ -n "$LAB_DEADLINE" ]; then
+    (
+        sleep "$LAB_DEADLINE"
+        kill -0 "$command" 2>/dev/null || exit 0
+        touch /run/lab/overrun
+        overrun >> /run/lab/output.log 2>&1
+        /usr/bin/kill -s TERM -- "-$command"
+        sleep 20
+        /usr/bin/kill -s KILL -- "-$command" 2>/dev/null
+    ) &
+fi
+wait "$command"
+rc=$?
+[ -e /run/lab/overrun ] && rc=124
+echo $rc > /run/lab/rc
 sync
 umount /run/scratch 2>/dev/null
 umount /run/lab 2>/dev/null

@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import apt
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 FRAGMENT = HERE / "kernel.config"
@@ -61,16 +63,10 @@ def find_kernel(build: bool = True) -> Path:
     return build_kernel(cached)
 
 
-def _apt_install(packages: list[str]) -> None:
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env)
-
-
 def build_kernel(target: Path) -> Path:
     """Build a bzImage with VDUSE built in (15-25 minutes on 2 cores)."""
     print(f"lab: building a VDUSE kernel into {target} (this takes a while)", flush=True)
-    _apt_install(BUILD_DEPS)
+    apt.install(BUILD_DEPS)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = _linux_source(Path(tmp))
@@ -93,7 +89,7 @@ def guest_kernel() -> Path:
     if target.is_file():
         return target
     print(f"lab: building the nested guest's kernel into {target}", flush=True)
-    _apt_install(BUILD_DEPS)
+    apt.install(BUILD_DEPS)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = _linux_source(Path(tmp))
@@ -104,7 +100,7 @@ def guest_kernel() -> Path:
 
 def _linux_source(work: Path) -> Path:
     """Debian's linux-source-6.1, unpacked under `work`."""
-    subprocess.run(["apt-get", "download", "linux-source-6.1"], cwd=work, check=True)
+    apt.download("linux-source-6.1", work)
     deb = next(work.glob("linux-source-6.1_*.deb"))
     subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "pkg")], check=True)
     tarball = next((work / "pkg" / "usr" / "src").glob("linux-source-6.1.tar.*"))
@@ -139,7 +135,6 @@ GUEST_MODULES = (
     "overlay", "veth", "bridge", "br_netfilter", "nf_conntrack", "iptable_filter", "iptable_nat",
     "nf_tables", "nft_compat", "nft_chain_nat",
 )  # fmt: skip
-APT = ["apt-get", "-qq", "-o", "APT::Sandbox::User=root"]
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
@@ -217,12 +212,12 @@ def debian_tree() -> Path:
     if done := list(cache_dir().glob("debian-*/.complete")):
         return max(done, key=lambda p: p.stat().st_mtime).parent
     suite = ensure_backports_source()
-    _apt_install(["kmod"])  # depmod here, modprobe in the guest
+    apt.install(["kmod"])  # depmod here, modprobe in the guest
     print(f"lab: fetching Debian's kernel from {suite}", flush=True)
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         work = Path(tmp)
-        subprocess.run([*APT, "-t", suite, "download", "linux-image-amd64"], cwd=work, check=True)
+        apt.download("linux-image-amd64", work, suite=suite)
         meta = next(work.glob("linux-image-amd64_*.deb"))
         depends = subprocess.run(
             ["dpkg-deb", "-f", str(meta), "Depends"], check=True, capture_output=True, text=True
@@ -231,7 +226,7 @@ def debian_tree() -> Path:
         if found is None:
             raise RuntimeError(f"cannot find the kernel package in {depends!r}")
         package, version = found.groups()
-        subprocess.run([*APT, "download", f"{package}={version}"], cwd=work, check=True)
+        apt.download(f"{package}={version}", work)
         tree = work / "tree"
         deb = next(work.glob(f"{package}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
@@ -292,7 +287,7 @@ def _busybox() -> bytes:
     path = cache_dir() / "busybox-static"
     if not path.is_file():
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            subprocess.run([*APT, "download", "busybox-static"], cwd=tmp, check=True)
+            apt.download("busybox-static", Path(tmp))
             deb = next(Path(tmp).glob("busybox-static_*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
             os.replace(Path(tmp) / "bin" / "busybox", path)

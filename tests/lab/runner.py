@@ -6,6 +6,7 @@ Usage: python -m tests.lab.runner [--timeout S] [--memory MiB] [--kernel KIND] -
 from __future__ import annotations
 
 import argparse
+import compileall
 import ctypes
 import os
 import re
@@ -16,9 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import apt
 from tests.lab.kernel import (
     KINDS,
     REPO,
@@ -50,6 +53,15 @@ VOLATILE_ROOTS = ("/tmp", "/run")
 ROOT_SHARE_OPTS = "security_model=none,readonly=on,multidevs=remap"
 
 
+@dataclass(frozen=True)
+class Disk:
+    """A raw disk image the guest sees as /dev/sdb, /dev/sdc, ... in order. One not
+    `writable` is attached with QEMU's snapshot=on: the guest may write, the file stays."""
+
+    image: Path
+    writable: bool = False
+
+
 @dataclass
 class LabResult:
     returncode: int
@@ -68,13 +80,18 @@ def ensure_host_tools() -> None:
         return
     suite = ensure_backports_source() if qemu else ""
     print(f"lab: installing {' '.join(missing + qemu)}", flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     if missing := [m for m in missing if m not in qemu]:
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+        apt.install(missing)
     if qemu:  # all of them from one suite: QEMU aborts on modules of another build
-        install = ["apt-get", "install", "-y", "-qq", "-t", suite, *qemu]
-        subprocess.run(install, check=True, env=env)
+        apt.install(qemu, suite=suite)
+
+
+def compile_bytecode() -> None:
+    """The guest's root is read-only, so Python there cannot keep what it compiles, and every
+    process compiling the project's modules again under emulation costs seconds: compiled
+    here, where a run that changed nothing costs a few stat calls."""
+    for package in ("csi_vduse", "tests", "bench"):
+        compileall.compile_dir(REPO / package, quiet=1)
 
 
 def _qemu_major() -> int:
@@ -98,7 +115,13 @@ def _keep_paths(paths: list[str]) -> list[str]:
     return sorted(set(keep))
 
 
-def _env_script(cwd: str, extra_env: dict[str, str], lab: LabKernel) -> str:
+def guest_deadline(timeout: float) -> int:
+    """When the guest stops its command itself, saying what was still running (guest-init.sh):
+    early enough to say it and power off before the runner's own timeout kills QEMU."""
+    return int(max(timeout - 150, timeout * 0.8))
+
+
+def _env_script(cwd: str, extra_env: dict[str, str], lab: LabKernel, deadline: int) -> str:
     python_dir = str(Path(sys.executable).parent)
     path = f"{python_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     keep = _keep_paths([str(REPO), cwd, sys.prefix, sys.base_prefix, python_dir])
@@ -115,6 +138,7 @@ def _env_script(cwd: str, extra_env: dict[str, str], lab: LabKernel) -> str:
         "CSI_VDUSE_GUEST_KERNEL": str(guest_kernel()),  # the VM tests' nested guest
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
+        "LAB_DEADLINE": str(deadline),
         **extra_env,
     }
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
@@ -131,11 +155,14 @@ def run(
     extra_env: dict[str, str] | None = None,
     stream: bool = True,
     kernel: str | None = None,
+    disks: Sequence[Disk] = (),
 ) -> LabResult:
     """Run `command` (a shell command line) in a fresh lab guest booting the kernel of kind
     `kernel` (see tests.lab.kernel.lab_kernel). `scratch_cache` is QEMU's cache mode of the
-    scratch disk: "none" keeps the host's page cache out of the guest's reads."""
+    scratch disk: "none" keeps the host's page cache out of the guest's reads. The scratch
+    disk is /dev/sda, `disks` follow it."""
     ensure_host_tools()
+    compile_bytecode()
     lab = lab_kernel(kernel)
     choice = os.environ.get("CSI_VDUSE_LAB_QEMU", "")
     qemu = choice if "/" in choice else _which("qemu-system-x86_64")
@@ -147,7 +174,10 @@ def run(
         work = Path(tmp)
         share = work / "share"
         share.mkdir()
-        (share / "env.sh").write_text(_env_script(cwd or os.getcwd(), extra_env or {}, lab))
+        names = " ".join(f"/dev/sd{chr(ord('b') + i)}" for i in range(len(disks)))
+        extra = {**(extra_env or {}), "LAB_DISKS": names}
+        env = _env_script(cwd or os.getcwd(), extra, lab, guest_deadline(timeout))
+        (share / "env.sh").write_text(env)
         (share / "command.sh").write_text(command + "\n")
         output = share / "output.log"
         output.touch()
@@ -177,8 +207,14 @@ def run(
             "-device", "virtio-scsi-pci,id=scsi0",
             "-drive", f"if=none,id=scratch,file={scratch},format=raw,cache={scratch_cache},"
                          "discard=unmap",
-            "-device", "scsi-hd,drive=scratch,bus=scsi0.0",
+            "-device", "scsi-hd,drive=scratch,bus=scsi0.0,scsi-id=0",
         ]  # fmt: skip
+        for i, disk in enumerate(disks, 1):
+            mode = "cache=writeback" if disk.writable else "cache=unsafe,snapshot=on"
+            argv += [
+                "-drive", f"if=none,id=disk{i},file={disk.image},format=raw,{mode}",
+                "-device", f"scsi-hd,drive=disk{i},bus=scsi0.0,scsi-id={i}",
+            ]  # fmt: skip
         qemu_log = work / "qemu.log"
         with open(qemu_log, "wb") as qemu_out_file:
             proc = subprocess.Popen(
@@ -206,20 +242,21 @@ def run(
         text = output.read_text(errors="replace")
         console_text = console.read_text(errors="replace") if console.exists() else ""
         rc_file = share / "rc"
+        said = ""
         if timed_out:
             rc = 124
-            text += f"\nlab: timed out after {timeout:.0f}s\n"
+            said = f"\nlab: timed out after {timeout:.0f}s\n"
         elif rc_file.exists() and rc_file.read_text().strip():
             rc = int(rc_file.read_text().strip())
         else:
             rc = 125
-            text += "\nlab: the guest ended without an exit code\n"
+            said = "\nlab: the guest ended without an exit code\n"
         if rc >= 124:
             tail = "\n".join(console_text.splitlines()[-40:])
-            text += f"lab: qemu said:\n{qemu_out}\nlab: console tail:\n{tail}\n"
+            said += f"lab: qemu said:\n{qemu_out}\nlab: console tail:\n{tail}\n"
             if stream:
-                print(text[len(text) - len(tail) - len(qemu_out) - 60 :], flush=True)
-        return LabResult(rc, text, console_text)
+                print(said, flush=True)
+        return LabResult(rc, text + said, console_text)
 
 
 def exit_on_sigterm() -> None:
