@@ -40,6 +40,9 @@ NODE_B = "vduse-node-b"
 RBD_CLASS, RBD_SECRET = "vduse-rbd", "vduse-ceph"
 RBD_SNAPSHOT_CLASS = "vduse-rbd-snap"
 SCRATCH = Path(os.environ.get("LAB_SCRATCH", "/run/scratch"))
+# A pod's command that waits to be deleted and then goes at once: a container's PID 1 ignores
+# the SIGTERM it does not handle, and the kubelet kills it only after the 30 s grace period.
+IDLE = "trap 'exit 0' TERM; sleep 3600 & wait $!"
 
 
 class Cluster:
@@ -216,7 +219,7 @@ def reader_pod(k8s: Cluster, name: str, claim: str) -> str:
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
         "spec": {"containers": [{
             "name": "reader", "image": k8s.images["busybox"],
-            "command": ["sh", "-c", "sleep 3600"],
+            "command": ["sh", "-c", IDLE],
             "volumeMounts": [{"name": "data", "mountPath": "/data"}],
         }], "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]},
     })  # fmt: skip
@@ -385,7 +388,7 @@ def qos_pod(k8s: Cluster) -> str:
                       "resources": {"requests": {"storage": "128Mi"}}}}  # fmt: skip
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "vduse-qos"},
            "spec": {"containers": [{
-               "name": "fio", "image": k8s.images["fio"], "command": ["sh", "-c", "sleep 3600"],
+               "name": "fio", "image": k8s.images["fio"], "command": ["sh", "-c", IDLE],
                "volumeDevices": [{"name": "disk", "devicePath": "/dev/xvda"}]}],
                "volumes": [{"name": "disk", "persistentVolumeClaim": {"claimName": "vduse-qos"}}],
            }}  # fmt: skip
@@ -596,7 +599,7 @@ def test_5d_an_rbd_claim_serves_pods_and_grows_through_the_chart_class(
         pvc["spec"]["storageClassName"] = RBD_CLASS
         writer = yaml.safe_load(reader_pod(k8s, "vduse-rbd-writer", "vduse-rbd"))
         writer["spec"]["containers"][0]["command"] = [
-            "sh", "-c", "echo kept-in-ceph > /data/f && sync && sleep 3600"]  # fmt: skip
+            "sh", "-c", f"echo kept-in-ceph > /data/f && sync && {IDLE}"]  # fmt: skip
         k8s.apply(yaml.safe_dump_all([pvc, writer]))
         try:
             wait("the rbd claim to bind", lambda: k8s.core.read_namespaced_persistent_volume_claim(
