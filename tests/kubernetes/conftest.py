@@ -21,6 +21,12 @@ RUNNING: list[Node] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "extended: a step the test command leaves to scripts/test-cluster (what a change "
+        "rarely breaks and costs minutes: csi-sanity through the cluster controller, a "
+        "snapshot under write load, RBD through the chart)",
+    )
     if (
         os.environ.get("CSI_VDUSE_IN_LAB") != "1"
         or not Path("/sys/fs/cgroup/cgroup.controllers").exists()

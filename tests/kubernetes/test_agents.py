@@ -9,6 +9,8 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from tests.cluster.build import component_path
 from tests.cluster.node import Node
 from tests.csi_client import Plugin
@@ -23,6 +25,7 @@ def test_0_the_controller_reaches_each_nodes_volumes_through_its_agent(cluster: 
     agents.exercise(cluster.plane.admin_kubeconfig, SCRATCH / "agents")
 
 
+@pytest.mark.extended
 def test_0b_csi_sanity_through_the_cluster_controller(cluster: Node) -> None:
     """Controller calls to the cluster controller, node calls to the node's plugin: every
     volume csi-sanity stages went there through a VduseVolume and the node's agent."""
