@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     env, disks = image_cache.attached(prepare())
     print(f"cluster: components and images ready in {time.monotonic() - started:.0f} s", flush=True)
-    command = ["python", "-m", "pytest", "tests/kubernetes", "-q", "-rA", "-p", "no:cacheprovider"]
+    command = ["python", "-m", "pytest", "tests/kubernetes", "-v", "-rA", "-p", "no:cacheprovider"]
     result = run(
         shlex.join([*command, *pytest_args]),
         timeout=args.timeout,

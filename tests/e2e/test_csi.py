@@ -194,7 +194,8 @@ def test_stage_racing_itself_gives_one_success_and_aborted(plugin: Plugin, workd
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+        assert not t.is_alive(), "a NodeStageVolume still unanswered after 120 s"
     assert sorted(codes, key=str) == sorted([C.OK, C.ABORTED], key=str)
     assert mount_at(staging) is not None
     assert mount_at(staging).fs_type == "xfs"  # type: ignore[union-attr]

@@ -24,8 +24,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "extended: a step the test command leaves to scripts/test-cluster (what a change "
-        "rarely breaks and costs minutes: csi-sanity through the cluster controller, a "
-        "snapshot under write load, RBD through the chart)",
+        "rarely breaks and costs minutes: the controller and two agents before the chart, "
+        "csi-sanity through them, a snapshot under write load, RBD through the chart)",
     )
     if (
         os.environ.get("CSI_VDUSE_IN_LAB") != "1"

@@ -19,6 +19,7 @@ from tests.kubernetes import agents
 SCRATCH = Path(os.environ.get("LAB_SCRATCH", "/run/scratch"))
 
 
+@pytest.mark.extended
 def test_0_the_controller_reaches_each_nodes_volumes_through_its_agent(cluster: Node) -> None:
     assert cluster.plane is not None
     agents.KUBECTL[:] = [str(cluster.bins["kubectl"])]
