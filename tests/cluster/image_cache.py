@@ -26,7 +26,7 @@ from tests.cluster.build import BuildError, locked, read_versions
 from tests.cluster.images import cache_dir, read_index
 from tests.cluster.node import IMAGE_CACHE_ENV, Node
 from tests.cluster.prepare import IMAGES_ENV, lab_images
-from tests.lab.runner import Disk, run
+from tests.lab.runner import Disk, disk_path, run
 
 NOT_CACHED = "csi-vduse"  # the plugin's image: the project itself
 DISK_GIB = 8
@@ -48,7 +48,7 @@ def attached(env: dict[str, str]) -> tuple[dict[str, str], list[Disk]]:
     """The cluster suite's guest environment `env` (it names the image archives) and disks
     with the image cache attached, made first if missing."""
     images = {n: Path(p) for n, p in json.loads(env[IMAGES_ENV]).items()}
-    return {**env, IMAGE_CACHE_ENV: "/dev/sdb"}, [Disk(disk_for(images, env))]
+    return {**env, IMAGE_CACHE_ENV: disk_path(1)}, [Disk(disk_for(images, env))]
 
 
 def disk_for(images: dict[str, Path], env: dict[str, str]) -> Path:
@@ -76,7 +76,7 @@ def _make(disk: Path, env: dict[str, str]) -> None:
     mkfs = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,nodiscard", str(partial)]
     subprocess.run(mkfs, check=True)
     result = run(
-        "python -m tests.cluster.image_cache /dev/sdb", timeout=1500, memory_mib=2048,
+        f"python -m tests.cluster.image_cache {disk_path(1)}", timeout=1500, memory_mib=2048,
         extra_env=env, kernel="debian612", disks=[Disk(partial, writable=True)],
     )  # fmt: skip
     if result.returncode != 0:

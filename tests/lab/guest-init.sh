@@ -42,16 +42,32 @@ done
 
 ip link set lo up 2>/dev/null
 mkdir -p /run/scratch
+# The disks by SCSI target (the scratch disk is target 0, the runner's Disks 1, 2, ...): sd
+# names follow the order the scan found them in, which is not the targets' order, so the
+# runner's disks get fixed names, /dev/lab-disk1 and on.
+disk_of_target() {
+    for block in /sys/bus/scsi/devices/*:0:"$1":0/block/*; do
+        [ -e "$block" ] && echo "/dev/${block##*/}" && return 0
+    done
+    return 1
+}
 i=0
-for disk in /dev/sda $LAB_DISKS; do
-    while [ ! -b "$disk" ] && [ $i -lt 50 ]; do  # a scsi scan after loading its modules
+target=0
+for name in scratch $LAB_DISKS; do
+    disk=""
+    while ! disk=$(disk_of_target $target) && [ $i -lt 100 ]; do  # the scan is asynchronous
         sleep 0.1
         i=$((i + 1))
     done
+    if [ -z "$disk" ]; then
+        echo "lab: no disk at SCSI target $target (for $name)"
+    elif [ $target -eq 0 ]; then
+        mount -o discard "$disk" /run/scratch
+    else
+        ln -sf "$disk" "$name"
+    fi
+    target=$((target + 1))
 done
-if [ -b /dev/sda ]; then
-    mount -o discard /dev/sda /run/scratch
-fi
 
 # What a command still running at its deadline was doing: every process and what it waits on
 # in the kernel, the kernel's last lines, and the ends of the logs written in the last 30

@@ -55,11 +55,16 @@ ROOT_SHARE_OPTS = "security_model=none,readonly=on,multidevs=remap"
 
 @dataclass(frozen=True)
 class Disk:
-    """A raw disk image the guest sees as /dev/sdb, /dev/sdc, ... in order. One not
+    """A raw disk image the guest sees as disk_path(1), disk_path(2), ... in order. One not
     `writable` is attached with QEMU's snapshot=on: the guest may write, the file stays."""
 
     image: Path
     writable: bool = False
+
+
+def disk_path(number: int) -> str:
+    """In the guest, the `number`th of run()'s disks (from 1)."""
+    return f"/dev/lab-disk{number}"
 
 
 @dataclass
@@ -160,7 +165,7 @@ def run(
     """Run `command` (a shell command line) in a fresh lab guest booting the kernel of kind
     `kernel` (see tests.lab.kernel.lab_kernel). `scratch_cache` is QEMU's cache mode of the
     scratch disk: "none" keeps the host's page cache out of the guest's reads. The scratch
-    disk is /dev/sda, `disks` follow it."""
+    disk is SCSI target 0, `disks` follow it (in the guest at disk_path(1), ...)."""
     ensure_host_tools()
     compile_bytecode()
     lab = lab_kernel(kernel)
@@ -174,7 +179,7 @@ def run(
         work = Path(tmp)
         share = work / "share"
         share.mkdir()
-        names = " ".join(f"/dev/sd{chr(ord('b') + i)}" for i in range(len(disks)))
+        names = " ".join(disk_path(i) for i in range(1, len(disks) + 1))
         extra = {**(extra_env or {}), "LAB_DISKS": names}
         env = _env_script(cwd or os.getcwd(), extra, lab, guest_deadline(timeout))
         (share / "env.sh").write_text(env)
