@@ -84,8 +84,9 @@ def ensure_host_tools() -> None:
     if not missing and not qemu:
         return
     suite = ensure_backports_source() if qemu else ""
+    missing = [m for m in missing if m not in qemu]
     print(f"lab: installing {' '.join(missing + qemu)}", flush=True)
-    if missing := [m for m in missing if m not in qemu]:
+    if missing:
         apt.install(missing)
     if qemu:  # all of them from one suite: QEMU aborts on modules of another build
         apt.install(qemu, suite=suite)
