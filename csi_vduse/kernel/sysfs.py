@@ -78,6 +78,21 @@ def wait_device(name: str, driver: str, timeout: float = 10.0) -> Path:
                 pass
         if time.monotonic() > deadline:
             raise SysfsError(
-                f"vdpa device {name} has no device node from {driver} after {timeout:.0f}s"
+                f"vdpa device {name} has no device node from {driver} after {timeout:.0f}s "
+                f"({describe(name)}; the kernel log says why)"
             )
         time.sleep(0.05)
+
+
+def describe(name: str) -> str:
+    """Where the device's probe stopped: its vdpa driver, its virtio device and that one's
+    driver (none: virtio_blk's probe failed)."""
+    dev = vdpa_device_dir(name)
+    if not dev.is_dir():
+        return "it is gone from the vdpa bus"
+    found = [f"bound to {bound_driver(name) or 'no driver'}"]
+    for virtio in sorted(dev.glob("virtio*")):
+        link = virtio / "driver"
+        driver = os.path.basename(os.readlink(link)) if link.is_symlink() else "no driver"
+        found.append(f"{virtio.name} bound to {driver}")
+    return ", ".join(found)

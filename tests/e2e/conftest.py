@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -47,13 +48,18 @@ def name() -> str:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failed test's report ends with the plugin's log: its work dir goes with the test."""
+    """A failed test's report ends with the plugin's log (its work dir goes with the test)
+    and the kernel's last lines."""
     report = yield
+    if report.when != "call" or not report.failed:
+        return report
     args = getattr(item, "funcargs", {})
     plugin = args.get("plugin", args.get("shared_plugin"))
-    if report.when == "call" and report.failed and isinstance(plugin, Plugin):
+    if isinstance(plugin, Plugin):
         tail = plugin.log.read_text(errors="replace").splitlines()[-60:]
         report.sections.append(("plugin log, last lines", "\n".join(x[:500] for x in tail)))
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    report.sections.append(("kernel log, last lines", "\n".join(dmesg.splitlines()[-30:])))
     return report
 
 
