@@ -689,10 +689,14 @@ def test_7_deleting_claims_removes_volumes_and_uninstall_leaves_nothing(k8s: Clu
     assert not k8s.vduse_objects("vdusevolumes") and not k8s.vduse_objects("vdusesnapshots")
     k8s.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--cascade=foreground", "--wait")
 
-    # foreground cascade: helm returns once the DaemonSet's pods are gone, not merely doomed
+    # helm may return while the pods still terminate (seen after the extended steps' RBD
+    # volumes): they must be gone within their grace period, not merely doomed
+    wait(
+        "the chart's pods to be gone",
+        lambda: not k8s.plugin_pods() and not k8s.plugin_pods("controller"),
+        timeout=180,
+    )
     left = [
-        *(f"pod/{p.metadata.name}" for p in k8s.plugin_pods()),
-        *(f"pod/{p.metadata.name}" for p in k8s.plugin_pods("controller")),
         *(f"csidriver/{d.metadata.name}" for d in k8s.storage.list_csi_driver().items
           if d.metadata.name == DRIVER),
         *(f"storageclass/{s.metadata.name}" for s in k8s.storage.list_storage_class().items
