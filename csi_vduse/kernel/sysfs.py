@@ -23,7 +23,11 @@ def vdpa_device_dir(name: str) -> Path:
 
 
 def bound_driver(name: str) -> str | None:
-    link = vdpa_device_dir(name) / "driver"
+    return _driver_of(vdpa_device_dir(name))
+
+
+def _driver_of(device: Path) -> str | None:
+    link = device / "driver"
     return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
 
@@ -92,7 +96,5 @@ def describe(name: str) -> str:
         return "it is gone from the vdpa bus"
     found = [f"bound to {bound_driver(name) or 'no driver'}"]
     for virtio in sorted(dev.glob("virtio*")):
-        link = virtio / "driver"
-        driver = os.path.basename(os.readlink(link)) if link.is_symlink() else "no driver"
-        found.append(f"{virtio.name} bound to {driver}")
+        found.append(f"{virtio.name} bound to {_driver_of(virtio) or 'no driver'}")
     return ", ".join(found)
