@@ -35,6 +35,9 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def discard_created(self) -> None:  # noqa: B027 (optional)
+        """Removes what opening it created (used when a start-up fails)."""
+
     def __enter__(self) -> Self:
         return self
 

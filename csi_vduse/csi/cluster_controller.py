@@ -5,9 +5,9 @@ VduseSnapshot (cluster/resources.py) and waits, a bounded time, for the agent of
 volume's node to report; a call that outlives the wait is ABORTED and the sidecar's retry
 finds the same object. Nothing here reaches a node directly.
 
-An RBD volume belongs to no node: the controller creates, grows and removes its image with
-the call's secret, and keeps a VduseVolume with an empty node (no agent's) for ListVolumes
-and ControllerGetVolume, which bring no secret."""
+A volume of a backend any node reaches (RBD) belongs to no node: the controller has its
+driver create, grow and remove it with the call's secret, and keeps a VduseVolume with an
+empty node (no agent's) for ListVolumes and ControllerGetVolume, which bring no secret."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
+from csi_vduse.backends.api import ProvisionRequest, VolumeDriver
 from csi_vduse.cluster.api import Object, Resources
 from csi_vduse.cluster.resources import (
     NODES,
@@ -47,25 +48,23 @@ from csi_vduse.csi.errors import rpc
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from csi_vduse.lifecycle import rbd_snapshots, rbd_volumes
 from csi_vduse.lifecycle.capacity import pick_capacity
+from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.provisioning import (
     check_name,
+    check_source,
     fit_reason,
     parse_parameters,
     parse_qos,
     volume_id_or_raise,
 )
-from csi_vduse.state.snapshots import (
-    SnapshotRecord,
-    check_snapshot_id,
-    rbd_snapshot_of,
-    snapshot_id_for,
-)
-from csi_vduse.state.volumes import InvalidId, Source, VolumeRecord, rbd_image_of, volume_id_for
+from csi_vduse.lifecycle.snapshots import drivers_for, refuse_staged
+from csi_vduse.state.snapshots import SnapshotRecord, check_snapshot_id, kind_of_snapshot
+from csi_vduse.state.staging import StagingStore
+from csi_vduse.state.volumes import InvalidId, Source, VolumeRecord, kind_of_volume
 
 POLL_SECONDS = 0.25
-ANY_NODE = ""  # the node of an RBD volume's object: any node stages it, no agent owns it
+ANY_NODE = ""  # the node of a volume any node reaches: any node stages it, no agent owns it
 
 
 def choose_node(
@@ -95,6 +94,11 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         self.config = config
         self.resources = resources
         self.wait_seconds = wait
+        # for the backends any node reaches; a node-local volume is its agent's work
+        self.drivers = drivers_for(
+            config.data_dir, config.state_dir, VolumeLocks(),
+            refuse_staged(StagingStore(config.state_dir)),
+        )  # fmt: skip
 
     def _wait(self, plural: str, name: str, done: Callable[[Object | None], bool]) -> Object | None:
         deadline = time.monotonic() + self.wait_seconds
@@ -171,9 +175,18 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             raise NotFound(f"{kind} {source_id} does not exist")
         if node_of(obj) == ANY_NODE:
             raise InvalidArgument(
-                f"the {kind} {source_id} is an rbd one: it makes rbd volumes only"
+                f"the {kind} {source_id} is reached from any node: it makes volumes of its "
+                "own backend only"
             )
         return node_of(obj)
+
+    def _cluster_driver(self, kind: str | None) -> VolumeDriver | None:
+        """The driver of a backend any node reaches; None for one whose volumes live on a
+        node (its agent does the work) or an id of no backend."""
+        if kind is None:
+            return None
+        driver = self.drivers.kind(kind)
+        return driver if driver.locality == "cluster" else None
 
     def _available(self) -> dict[str, int]:
         nodes, _ = self.resources.list(NODES)
@@ -192,14 +205,17 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
                 raise InvalidArgument(reason)
         required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         source = content_source(request) if request.HasField("volume_content_source") else None
-        if params.backend == "rbd":
-            record = rbd_volumes.provision(
-                request.name, required, limit, params, qos, dict(request.secrets), source
-            )
-            return pb.CreateVolumeResponse(volume=self._list_rbd(record, request))
+        driver = self.drivers.kind(params.backend)
+        if source is not None:
+            check_source(source, driver.kind)
+        if driver.locality == "cluster":
+            record = driver.provision(ProvisionRequest(
+                request.name, required, limit, params, qos, source, dict(request.secrets)
+            ))  # fmt: skip
+            return pb.CreateVolumeResponse(volume=self._list_anywhere(record, request))
         if source is None:
             pick_capacity(required, limit)
-        volume_id = volume_id_for(request.name)
+        volume_id = driver.volume_id(request.name, params)
         obj = self.resources.get(VOLUMES, volume_id)
         if obj is None:
             source_node = self._source_node(source) if source else None
@@ -230,8 +246,8 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             )
         return pb.CreateVolumeResponse(volume=self._volume(obj))
 
-    def _list_rbd(self, record: VolumeRecord, request: Any) -> pb.Volume:
-        """The object that lists an RBD volume, once its image (and record) exists."""
+    def _list_anywhere(self, record: VolumeRecord, request: Any) -> pb.Volume:
+        """The object that lists a volume any node reaches, once its driver made it."""
         spec = {
             "node": ANY_NODE, "name": record.name,
             "requiredBytes": request.capacity_range.required_bytes,
@@ -242,10 +258,11 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         if record.source is not None:
             spec["source"] = {"kind": record.source[0], "id": record.source[1]}
         self.resources.create(VOLUMES, body("VduseVolume", record.volume_id, ANY_NODE, spec))
-        return self._volume(self._report_rbd(record))
+        return self._volume(self._report_anywhere(record))
 
-    def _report_rbd(self, record: VolumeRecord) -> Object:
-        """The status an agent would write, written by the controller for an RBD volume."""
+    def _report_anywhere(self, record: VolumeRecord) -> Object:
+        """The status an agent would write, written by the controller for a volume any
+        node reaches."""
         obj = self.resources.get(VOLUMES, record.volume_id)
         if obj is None:
             raise Aborted(f"{record.volume_id} is being deleted")
@@ -258,8 +275,9 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             raise Aborted(f"{record.volume_id} is being deleted")
         return patched
 
-    def _list_rbd_snapshot(self, record: SnapshotRecord) -> Object:
-        """The object that lists an RBD snapshot, with the status the controller writes."""
+    def _list_anywhere_snapshot(self, record: SnapshotRecord) -> Object:
+        """The object that lists a snapshot any node reaches, with the status the
+        controller writes."""
         spec = {"node": ANY_NODE, "name": record.name, "sourceVolumeId": record.source_volume_id}
         self.resources.create(SNAPSHOTS, body("VduseSnapshot", record.snapshot_id, ANY_NODE, spec))
         obj = self.resources.get(SNAPSHOTS, record.snapshot_id)
@@ -279,8 +297,8 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
     def DeleteVolume(self, request: Any, context: Any) -> pb.DeleteVolumeResponse:
         if not volume_id_or_raise(request.volume_id):
             return pb.DeleteVolumeResponse()
-        if rbd_image_of(request.volume_id) is not None:
-            rbd_volumes.delete(request.volume_id, dict(request.secrets))
+        if (driver := self._cluster_driver(kind_of_volume(request.volume_id))) is not None:
+            driver.delete(request.volume_id, dict(request.secrets))
             self.resources.delete(VOLUMES, request.volume_id)
         else:
             self._delete(VOLUMES, request.volume_id)
@@ -385,11 +403,12 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             capabilities.parse(request.volume_capability)
         required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         pick_capacity(required, limit)
-        if rbd_image_of(request.volume_id) is not None:
-            record, _ = rbd_volumes.expand(request.volume_id, required, limit,
-                                           dict(request.secrets))  # fmt: skip
+        volume_id_or_raise(request.volume_id)
+        if (driver := self._cluster_driver(kind_of_volume(request.volume_id))) is not None:
+            record, _ = driver.grow(request.volume_id, required, limit, dict(request.secrets),
+                                    None)  # fmt: skip
             if self.resources.get(VOLUMES, request.volume_id) is not None:
-                self._report_rbd(record)
+                self._report_anywhere(record)
             return pb.ControllerExpandVolumeResponse(
                 capacity_bytes=record.capacity, node_expansion_required=True
             )
@@ -408,8 +427,11 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
             raise InvalidArgument("volume_id is required")
         mutable = dict(request.mutable_parameters)
         parse_qos(mutable)  # refused here, before anything is written
-        if rbd_image_of(request.volume_id) is not None:
-            raise InvalidArgument("the QoS of an rbd volume is set at creation only, for now")
+        driver = self._cluster_driver(kind_of_volume(request.volume_id))
+        if driver is not None and not driver.mutable_qos:
+            raise InvalidArgument(
+                f"the QoS of a {driver.kind} volume is set at creation only, for now"
+            )
         self._change(request.volume_id, {"mutableParameters": mutable})
         return pb.ControllerModifyVolumeResponse()
 
@@ -420,14 +442,18 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
         if not request.source_volume_id:
             raise InvalidArgument("source_volume_id is required")
         volume_id_or_raise(request.source_volume_id)
-        if rbd_image_of(request.source_volume_id) is not None:
-            record = rbd_snapshots.cut(
-                request.name, request.source_volume_id, dict(request.secrets)
-            )
+        kind = kind_of_volume(request.source_volume_id)
+        if (driver := self._cluster_driver(kind)) is not None:
+            record = driver.snapshot_create(
+                driver.snapshot_id(request.name, request.source_volume_id), request.name,
+                request.source_volume_id, dict(request.secrets),
+            )  # fmt: skip
             return pb.CreateSnapshotResponse(
-                snapshot=self._snapshot(self._list_rbd_snapshot(record))
+                snapshot=self._snapshot(self._list_anywhere_snapshot(record))
             )
-        snapshot_id = snapshot_id_for(request.name)
+        if kind is None:
+            raise NotFound(f"volume {request.source_volume_id} does not exist")
+        snapshot_id = self.drivers.kind(kind).snapshot_id(request.name, request.source_volume_id)
         obj = self.resources.get(SNAPSHOTS, snapshot_id)
         if obj is None:
             node = self._source_node(("volume", request.source_volume_id))
@@ -444,10 +470,12 @@ class ClusterControllerService(rpc_pb.ControllerServicer):
     def DeleteSnapshot(self, request: Any, context: Any) -> pb.DeleteSnapshotResponse:
         if not request.snapshot_id:
             raise InvalidArgument("snapshot_id is required")
-        if rbd_snapshot_of(request.snapshot_id) is not None:
-            rbd_snapshots.remove(request.snapshot_id, dict(request.secrets))
+        if not _valid_id("snapshot", request.snapshot_id):
+            return pb.DeleteSnapshotResponse()
+        if (driver := self._cluster_driver(kind_of_snapshot(request.snapshot_id))) is not None:
+            driver.snapshot_delete(request.snapshot_id, dict(request.secrets))
             self.resources.delete(SNAPSHOTS, request.snapshot_id)
-        elif _valid_id("snapshot", request.snapshot_id):
+        else:
             self._delete(SNAPSHOTS, request.snapshot_id)
         return pb.DeleteSnapshotResponse()
 

@@ -13,6 +13,7 @@ from csi_vduse.csi.errors import rpc
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.errors import Aborted, InvalidArgument, ResourceExhausted
+from csi_vduse.lifecycle.capacity import MAX_CAPACITY
 from csi_vduse.lifecycle.node import NodeVolumes
 from csi_vduse.lifecycle.provisioning import (
     K8S_PARAM_PREFIX,
@@ -57,11 +58,15 @@ class ControllerService(rpc_pb.ControllerServicer):
         key, node = self.config.topology_key, self.config.node_id
         return any(t.segments.get(key) == node for t in topologies)
 
+    def _anywhere(self, params: VolumeParams) -> bool:
+        """A volume any node reaches, not one of this node's."""
+        return self.provisioner.drivers.kind(params.backend).locality == "cluster"
+
     def _volume(self, record: VolumeRecord) -> pb.Volume:
         volume = pb.Volume(
             volume_id=record.volume_id, capacity_bytes=record.capacity,
             volume_context=volume_context(record),
-            accessible_topology=[] if record.params.backend == "rbd" else [self._topology()],
+            accessible_topology=[] if self._anywhere(record.params) else [self._topology()],
         )  # fmt: skip
         if record.source is not None:
             kind, source_id = record.source
@@ -108,7 +113,7 @@ class ControllerService(rpc_pb.ControllerServicer):
             if reason := fit_reason(params, access.block):
                 raise InvalidArgument(reason)
         source = content_source(request) if request.HasField("volume_content_source") else None
-        if request.HasField("accessibility_requirements") and params.backend == "file":
+        if request.HasField("accessibility_requirements") and not self._anywhere(params):
             req = request.accessibility_requirements
             if req.requisite and not self._on_this_node(req.requisite):
                 raise ResourceExhausted(
@@ -169,7 +174,10 @@ class ControllerService(rpc_pb.ControllerServicer):
         topology = request.accessible_topology
         if topology.segments and not self._on_this_node([topology]):
             return pb.GetCapacityResponse(available_capacity=0)
-        available = self.provisioner.available()
+        params = parse_parameters(dict(request.parameters))
+        available = self.provisioner.drivers.kind(params.backend).available()
+        if available is None:  # not this node's to say: the largest volume it serves
+            available = MAX_CAPACITY
         return pb.GetCapacityResponse(
             available_capacity=available,
             maximum_volume_size=wrappers_pb2.Int64Value(value=available),

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
+from csi_vduse.backends.registry import Drivers
 from csi_vduse.config import ServeConfig
 from csi_vduse.csi.controller import ControllerService
 from csi_vduse.csi.identity import IdentityService, host_problems
@@ -27,10 +28,9 @@ from csi_vduse.health import HealthServer
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.node import NodeVolumes
 from csi_vduse.lifecycle.provisioning import Provisioner
-from csi_vduse.lifecycle.snapshots import Snapshots, refuse_staged
+from csi_vduse.lifecycle.snapshots import Snapshots, drivers_for, refuse_staged
 from csi_vduse.metrics import VolumeCollector
 from csi_vduse.state.staging import StagingStore
-from csi_vduse.state.volumes import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Driver:
         self.config = config
         self.locks = VolumeLocks()
         self.node: NodeVolumes | None = None
-        self.snapshots: Snapshots | None = None
+        self.drivers: Drivers | None = None  # the controller's, started before it serves
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
@@ -104,16 +104,15 @@ class Driver:
             rpc_pb.add_ControllerServicer_to_server(cluster, self.server)
         elif "controller" in config.components:
             staging = StagingStore(config.state_dir)
-            snapshots = Snapshots(
-                config.data_dir, VolumeStore(config.data_dir), self.locks, threading.Lock(),
-                self.node.quiesced if self.node else refuse_staged(staging),
+            drivers = self.node.drivers if self.node else drivers_for(
+                config.data_dir, config.state_dir, self.locks, refuse_staged(staging)
             )  # fmt: skip
+            snapshots = Snapshots(drivers, self.locks)
             provisioner = Provisioner(
-                config.data_dir, staging, self.locks, snapshots,
-                self.node.set_qos if self.node else None,
-            )  # fmt: skip
+                drivers, staging, self.locks, self.node.set_qos if self.node else None
+            )
+            self.drivers = drivers
             service = ControllerService(config, provisioner, snapshots, self.node)
-            self.snapshots = snapshots
             rpc_pb.add_ControllerServicer_to_server(service, self.server)
 
     def start(self) -> None:
@@ -123,8 +122,8 @@ class Driver:
         if self.config.controller_scope == "node" or "node" in self.config.components:
             for d in (self.config.state_dir, self.config.data_dir):
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.snapshots is not None:
-            self.snapshots.remove_orphans()
+        if self.drivers is not None:
+            self.drivers.startup()
         for problem in host_problems(self.config):
             log.warning("this host cannot serve VDUSE volumes yet: %s", problem)
         if self.node is not None:

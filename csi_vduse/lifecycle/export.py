@@ -21,8 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from csi_vduse.backends import Backend, FileBackend
+from csi_vduse.backends import Backend
 from csi_vduse.backends import rbd as rbd_backend
+from csi_vduse.backends.file import FileBackend
 from csi_vduse.dataplane.blk_device import MAX_QUEUE_SIZE, MAX_QUEUES, MIN_QUEUE_SIZE, BlkParams
 from csi_vduse.kernel import sysfs
 from csi_vduse.lifecycle.attachment import Attachment, DeviceBusy
@@ -152,8 +153,7 @@ def run_export(opts: ExportOptions) -> int:
         path = attachment.start()
     except BaseException:
         backend.close()
-        if isinstance(backend, FileBackend):
-            backend.discard_created()
+        backend.discard_created()
         raise
     try:
         print(path, flush=True)

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi_vduse.backends import FileBackend
+from csi_vduse.backends.api import VolumeDriver
 from csi_vduse.backends.base import Backend
-from csi_vduse.backends.rbd import RbdAccess, RbdBackend, RbdCluster
 from csi_vduse.dataplane.blk_device import SECTOR, BlkParams
 from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.errors import (
@@ -28,22 +27,16 @@ from csi_vduse.errors import (
 )
 from csi_vduse.kernel import sysfs
 from csi_vduse.kernel.vduse import DEVICE_DIR
-from csi_vduse.lifecycle import mounts, rbd_pool, rbd_volumes, vhost_nodes
+from csi_vduse.lifecycle import mounts, vhost_nodes
 from csi_vduse.lifecycle.access import VolumeAccess
 from csi_vduse.lifecycle.attachment import Attachment
 from csi_vduse.lifecycle.capacity import pick_capacity
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.provisioning import fit_reason, volume_id_or_raise
-from csi_vduse.state.ceph_access import CephAccessStore
+from csi_vduse.lifecycle.snapshots import drivers_for
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.staging import StageRecord, StagingStore
-from csi_vduse.state.volumes import (
-    VolumeRecord,
-    VolumeStore,
-    check_volume_id,
-    rbd_image_of,
-    serial_for,
-)
+from csi_vduse.state.volumes import VolumeRecord, check_volume_id, kind_of_volume, serial_for
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +97,19 @@ class NodeVolumes:
     def __init__(
         self, data_dir: Path, state_dir: Path, locks: VolumeLocks, max_volumes: int
     ) -> None:
-        self.store = VolumeStore(data_dir)
+        self.drivers = drivers_for(data_dir, state_dir, locks, self.quiesced)
+        self.store = self.drivers.ctx.volumes
         self.staging = StagingStore(state_dir)
-        self.ceph = CephAccessStore(state_dir)
         self.log_dir = state_dir / "dataplane"
         self.locks = locks
         self.max_volumes = max_volumes
         self.attached: dict[str, Attached] = {}
         self.problems: dict[str, str] = {}  # why a staged volume is not served; for conditions
+
+    def _driver(self, volume_id: str) -> VolumeDriver:
+        kind = kind_of_volume(volume_id)
+        assert kind is not None, volume_id
+        return self.drivers.kind(kind)
 
     def _record(self, volume_id: str) -> VolumeRecord:
         try:
@@ -138,9 +136,8 @@ class NodeVolumes:
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
         with self.locks.hold(volume_id):
-            ceph = None
-            if (rbd := rbd_image_of(volume_id)) is not None:
-                ceph = self._fetch_rbd(volume_id, rbd[0], secrets or {})
+            driver = self._driver(volume_id)
+            driver.prepare_stage(volume_id, secrets or {})
             record = self._record(volume_id)
             if not target.is_dir():
                 raise InvalidArgument(f"staging_target_path {target} is not an existing directory")
@@ -161,8 +158,7 @@ class NodeVolumes:
                 wanted.device, wanted.published = staged.device, staged.published
             elif len(self.attached) >= self.max_volumes:
                 raise ResourceExhausted(f"this node serves at most {self.max_volumes} volumes")
-            if ceph is not None:
-                self.ceph.put(volume_id, ceph)
+            driver.keep_access(volume_id, secrets or {})
             self.staging.put(wanted)  # intent first: a crash leaves a record to converge from
             was_attached = volume_id in self.attached
             try:
@@ -178,19 +174,6 @@ class NodeVolumes:
                     self._roll_back(volume_id, was_attached)
                 raise
 
-    def _fetch_rbd(self, volume_id: str, pool: str, secrets: dict[str, str]) -> RbdAccess:
-        """Reads an RBD volume's record from its image into this node's records; returns
-        the access, which the stage keeps for a restarted plugin to open the image again.
-        Where this node has a record already, its QoS (ControllerModifyVolume) stays."""
-        access = rbd_pool.access_from(secrets, pool, "node-stage")
-        record = rbd_volumes.fetch(volume_id, access)
-        with contextlib.suppress(UnreadableRecord):
-            if (local := self.store.get(volume_id)) is not None:
-                record.qos = local.qos
-        self.store.ensure()
-        self.store.put(record)
-        return access
-
     def _roll_back(self, volume_id: str, was_attached: bool) -> None:
         """Undoes a first stage that failed half-way, so a failed call changes nothing."""
         attached = self.attached.get(volume_id)
@@ -203,8 +186,7 @@ class NodeVolumes:
             attached.backend.close()
             del self.attached[volume_id]
         self.staging.delete(volume_id)
-        if rbd_image_of(volume_id) is not None:
-            self.ceph.delete(volume_id)
+        self._driver(volume_id).forget(volume_id)
 
     def _attach(self, record: VolumeRecord, readonly: bool) -> Attached:
         current = self.attached.get(record.volume_id)
@@ -219,7 +201,7 @@ class NodeVolumes:
     def _serve(self, record: VolumeRecord, readonly: bool, resume: bool) -> Attached:
         """Opens the volume's image and serves it: a new device, or (`resume`) the device a
         previous process left. Both ways must describe the device the same."""
-        backend = self._open_backend(record, readonly)
+        backend = self._driver(record.volume_id).open(record, readonly)
         params = BlkParams(
             capacity=backend.size, queues=record.params.queues,
             queue_size=record.params.queue_size, readonly=readonly,
@@ -238,22 +220,6 @@ class NodeVolumes:
             backend.close()
             raise
         return Attached(attachment, backend)
-
-    def _open_backend(self, record: VolumeRecord, readonly: bool) -> Backend:
-        rbd = rbd_image_of(record.volume_id)
-        if rbd is None:
-            return FileBackend.open(
-                self.store.image(record.volume_id), None, readonly,
-                thick=record.params.provisioning == "thick",
-                direct=record.params.cache == "direct",
-            )  # fmt: skip
-        cluster = RbdCluster(self.ceph.get(record.volume_id))
-        try:
-            # A restarted plugin waits here for its own dead predecessor's lock to lapse.
-            return RbdBackend.open(cluster, rbd[1], readonly, owns_cluster=True)
-        except BaseException:
-            cluster.close()
-            raise
 
     def _adopt(self, volume_id: str, readonly: bool) -> Attached:
         """Serves the device a previous process left (caller holds the volume lock).
@@ -311,8 +277,8 @@ class NodeVolumes:
         if not record.formatted or record.fs_type != fs_type:
             record.formatted, record.fs_type = True, fs_type
             self.store.put(record)
-            if isinstance(attached.backend, RbdBackend) and not access.readonly:
-                rbd_volumes.save_record(attached.backend, record)  # for every other node
+            if not access.readonly:
+                self._driver(record.volume_id).record_changed(attached.backend, record)
         options = list(access.mount_flags)
         if access.readonly:
             options.append("ro")
@@ -354,8 +320,7 @@ class NodeVolumes:
                 attached.backend.close()
                 del self.attached[volume_id]
             self.staging.delete(volume_id)
-            if rbd_image_of(volume_id) is not None:
-                self.ceph.delete(volume_id)
+            self._driver(volume_id).forget(volume_id)
             (self.log_dir / f"{volume_id}.log").unlink(missing_ok=True)
             self.problems.pop(volume_id, None)
 

@@ -1,40 +1,27 @@
-"""Controller-side volume lifecycle: sparse images in the data dir, one per volume."""
+"""Controller-side volume lifecycle on a node, for volumes of any backend: StorageClass
+parameters, names and ids, and the volume's lock around its driver's work; this node keeps
+the records (ListVolumes, ControllerGetVolume)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from csi_vduse.backends.file_copy import copy_image
+from csi_vduse.backends.api import ProvisionRequest, VolumeDriver
+from csi_vduse.backends.registry import Drivers, driver_class, kinds
 from csi_vduse.dataplane.blk_device import check_queues
 from csi_vduse.dataplane.qos import QosLimits
 from csi_vduse.errors import (
-    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
 )
 from csi_vduse.kernel.vduse import DEVICE_DIR
-from csi_vduse.lifecycle import rbd_volumes
-from csi_vduse.lifecycle.capacity import (
-    available_bytes,
-    ensure_space,
-    exclusive,
-    pick_capacity,
-)
 from csi_vduse.lifecycle.locks import VolumeLocks
-from csi_vduse.state.atomic import fsync_dir
 from csi_vduse.state.records import UnreadableRecord
-from csi_vduse.state.snapshots import rbd_snapshot_of
+from csi_vduse.state.snapshots import kind_of_snapshot
 from csi_vduse.state.staging import StagingStore
 from csi_vduse.state.volumes import (
     POOL_NAME,
@@ -44,14 +31,9 @@ from csi_vduse.state.volumes import (
     VolumeRecord,
     VolumeStore,
     check_volume_id,
-    rbd_image_of,
-    rbd_volume_id_for,
-    volume_id_for,
+    kind_of_volume,
 )
 from csi_vduse.units import parse_size
-
-if TYPE_CHECKING:
-    from csi_vduse.lifecycle.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 MAX_NAME_BYTES = 128
@@ -67,55 +49,54 @@ QOS_PARAMS = {
 # StorageClass parameters that take one of a few words (the VolumeParams field of that name)
 CHOICE_PARAMS = {
     "provisioning": ("thin", "thick"), "attach": ("virtio-vdpa", "vhost-vdpa"),
-    "cache": ("page", "direct"), "backend": ("file", "rbd"),
+    "cache": ("page", "direct"),
 }  # fmt: skip
+
+
+def backend_params() -> list[str]:
+    """The parameters of one backend alone (VolumeDriver.parameters), such as a pool."""
+    return sorted({key for kind in kinds() for key in driver_class(kind).parameters})
 
 
 def parse_parameters(params: dict[str, str]) -> VolumeParams:
     """StorageClass parameters: `queues`, `queueSize`, `provisioning`, `attach`, `cache`,
-    `backend` and `pool`; the CO's own keys are ignored."""
+    `backend` and the backend's own (`pool`); the CO's own keys are ignored."""
     values: dict[str, object] = {}
+    own = backend_params()
     for key, raw in params.items():
         if key.startswith(K8S_PARAM_PREFIX) or key in QOS_PARAMS:
             continue
-        if (choices := CHOICE_PARAMS.get(key)) is not None:
+        if (choices := CHOICE_PARAMS.get(key, kinds() if key == "backend" else None)) is not None:
             if raw not in choices:
                 raise InvalidArgument(f"parameter {key}={raw!r} must be {' or '.join(choices)}")
             values[key] = raw
             continue
-        if key == "pool":
+        if key in own:
             if not POOL_NAME.match(raw):
-                raise InvalidArgument(f"parameter pool={raw!r} is not a pool name")
-            values["pool"] = raw
+                raise InvalidArgument(f"parameter {key}={raw!r} is not a valid name")
+            values[key] = raw
             continue
         field = {"queues": "queues", "queueSize": "queue_size"}.get(key)
         if field is None:
             raise InvalidArgument(
                 f"unknown parameter {key!r} (known: queues, queueSize, provisioning, attach, "
-                f"cache, backend, pool, {', '.join(QOS_PARAMS)})"
+                f"cache, backend, {', '.join(own)}, {', '.join(QOS_PARAMS)})"
             )
         try:
             values[field] = int(raw)
         except ValueError:
             raise InvalidArgument(f"parameter {key}={raw!r} is not an integer") from None
     result = VolumeParams.model_validate(values)
-    if reason := backend_reason(result):
+    driver = driver_class(result.backend)
+    for key in sorted(set(own) & values.keys() - driver.parameters):
+        raise InvalidArgument(f"parameter {key} is not one of backend={result.backend}'s")
+    if reason := driver.validate(result):
         raise InvalidArgument(reason)
     try:
         check_queues(result.queues, result.queue_size)
     except ValueError as e:
         raise InvalidArgument(f"parameters queues/queueSize: {e}") from None
     return result
-
-
-def backend_reason(params: VolumeParams) -> str | None:
-    if params.backend == "file":
-        return "parameter pool is for backend=rbd" if params.pool is not None else None
-    if params.pool is None:
-        return "backend=rbd needs the parameter pool"
-    if params.provisioning != "thin" or params.cache != "page":
-        return "backend=rbd takes neither provisioning nor cache (librbd has its own cache)"
-    return None
 
 
 def parse_qos(
@@ -188,113 +169,40 @@ def existing_volume(store: VolumeStore, volume_id: str, what: str = "volume") ->
 
 class Provisioner:
     def __init__(
-        self, data_dir: Path, staging: StagingStore, locks: VolumeLocks,
-        snapshots: Snapshots | None = None,
+        self, drivers: Drivers, staging: StagingStore, locks: VolumeLocks,
         set_qos: Callable[[str, QosLimits], bool] | None = None,
     ) -> None:  # fmt: skip
-        self.data_dir = data_dir
-        self.store = VolumeStore(data_dir)
+        self.drivers = drivers
+        self.store = drivers.ctx.volumes
         self.staging = staging
         self.locks = locks
-        self.snapshots = snapshots
         self.set_qos = set_qos
-        self.space = snapshots.space if snapshots else threading.Lock()  # no space promised twice
 
-    def available(self) -> int:
-        self.store.ensure()
-        return available_bytes(self.data_dir, self.store.root)
+    def driver_for(self, volume_id: str) -> VolumeDriver:
+        kind = kind_of_volume(volume_id)
+        assert kind is not None, volume_id
+        return self.drivers.kind(kind)
 
     def create(
         self, name: str, required: int, limit: int, params: dict[str, str],
         mutable: dict[str, str] | None = None, source: Source | None = None,
         secrets: dict[str, str] | None = None,
     ) -> VolumeRecord:  # fmt: skip
-        """A new volume, empty or (`source`) holding a copy of a snapshot or a volume made
-        while that volume's data plane is quiesced."""
+        """A new volume, empty or (`source`) holding a copy of a snapshot or a volume of
+        its backend."""
         check_name(name)
         volume_params = parse_parameters(params)
         qos = parse_qos(mutable or {}, parse_qos(params, only_qos=False))
-        if volume_params.backend == "rbd":
-            return self._create_rbd(name, required, limit, volume_params, qos, source, secrets)
-        volume_id = volume_id_for(name)
-        self.store.ensure()
+        driver = self.drivers.kind(volume_params.backend)
+        if source is not None:
+            check_source(source, driver.kind)
+        volume_id = driver.volume_id(name, volume_params)
+        request = ProvisionRequest(name, required, limit, volume_params, qos, source, secrets or {})
         with self.locks.hold(volume_id):
-            existing = self._get(volume_id)
-            if existing is not None:
-                fits = required <= existing.capacity and (not limit or existing.capacity <= limit)
-                if not fits or existing.params != volume_params or existing.source != source:
-                    raise AlreadyExists(
-                        f"volume {name} exists with {existing.capacity} bytes, "
-                        f"{existing.params} and source {existing.source}; the request asks "
-                        "for something else"
-                    )
-                return existing
-            record = VolumeRecord(
-                volume_id=volume_id, name=name, capacity=0, params=volume_params, qos=qos,
-                source=source,
-            )  # fmt: skip
-            image = self.store.image(volume_id)
-            # An image without a record is a create that crashed: it never held data.
-            image.unlink(missing_ok=True)
-            if source is None:
-                record.capacity = pick_capacity(required, limit)
-                with exclusive(self.space):
-                    ensure_space(self.data_dir, self.store.root, record.capacity)
-                    self._write_image(image, record.capacity, volume_params.provisioning == "thick")
-            else:
-                self._copy_source(record, source, required, limit)
-            self.store.put(record)
-            return record
-
-    def _create_rbd(
-        self, name: str, required: int, limit: int, params: VolumeParams, qos: QosLimits,
-        source: Source | None, secrets: dict[str, str] | None,
-    ) -> VolumeRecord:  # fmt: skip
-        assert params.pool is not None
-        with self.locks.hold(rbd_volume_id_for(name, params.pool)):
-            record = rbd_volumes.provision(
-                name, required, limit, params, qos, secrets or {}, source
-            )
+            record = driver.provision(request)
             self.store.ensure()
             self.store.put(record)
             return record
-
-    def _copy_source(self, record: VolumeRecord, source: Source, required: int, limit: int) -> None:
-        kind, source_id = source
-        if self.snapshots is None:
-            raise InvalidArgument("this controller makes no volumes from sources")
-        if rbd_snapshot_of(source_id) or rbd_image_of(source_id):
-            raise InvalidArgument(
-                f"the {kind} {source_id} is an rbd one: it makes rbd volumes only"
-            )
-        with self.locks.hold(source_id):
-            if kind == "snapshot":
-                snapshot = self.snapshots.get(source_id)
-                origin, size = self.snapshots.store.image(source_id), snapshot.size
-                record.formatted, record.fs_type = snapshot.formatted, snapshot.fs_type
-                quiesce: AbstractContextManager[None] = contextlib.nullcontext()
-                reflink = True  # a snapshot is never written
-            else:
-                volume = existing_volume(self.store, source_id, "source volume")
-                if volume.params.backend != record.params.backend:
-                    raise InvalidArgument("a volume is cloned only within its backend")
-                origin, size = self.store.image(source_id), volume.capacity
-                record.formatted, record.fs_type = volume.formatted, volume.fs_type
-                quiesce = self.snapshots.quiesce(source_id)
-                reflink = volume.params.provisioning != "thick"
-            record.capacity = pick_capacity(required, limit, default=size)
-            if record.capacity < size:
-                raise OutOfRange(
-                    f"the {kind} {source_id} holds {size} bytes, more than the "
-                    f"{record.capacity} asked for"
-                )
-            with exclusive(self.space):
-                ensure_space(self.data_dir, self.store.root, record.capacity)
-                how = copy_image(
-                    origin, self.store.image(record.volume_id), record.capacity,
-                    thick=record.params.provisioning == "thick", reflink=reflink, hold=quiesce,
-                )  # fmt: skip
-            log.info("%s: made from %s %s (%s)", record.volume_id, kind, source_id, how)
 
     def modify(self, volume_id: str, mutable: dict[str, str]) -> VolumeRecord:
         """New QoS limits, persisted first, then applied to the running data plane."""
@@ -308,22 +216,6 @@ class Provisioner:
                 log.info("%s: QoS now %s", volume_id, qos)
             return record
 
-    @staticmethod
-    def _write_image(image: Path, capacity: int, thick: bool) -> None:
-        fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            if thick:
-                os.posix_fallocate(fd, 0, capacity)
-            else:
-                os.ftruncate(fd, capacity)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            image.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        fsync_dir(image.parent)
-
     def is_staged(self, volume_id: str) -> bool:
         return self.staging.exists(volume_id) or (DEVICE_DIR / volume_id).exists()
 
@@ -335,8 +227,7 @@ class Provisioner:
                 raise FailedPrecondition(
                     f"volume {volume_id} is staged on this node; unstage it before deleting"
                 )
-            if rbd_image_of(volume_id) is not None:
-                rbd_volumes.delete(volume_id, secrets or {})
+            self.driver_for(volume_id).delete(volume_id, secrets or {})
             self.store.delete(volume_id)
 
     def _get(self, volume_id: str) -> VolumeRecord | None:
@@ -358,49 +249,30 @@ class Provisioner:
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist")
         with self.locks.hold(volume_id):
-            record = self._get(volume_id)
-            if rbd_image_of(volume_id) is not None:
-                record, grown = rbd_volumes.expand(volume_id, required, limit, secrets or {},
-                                                   record)  # fmt: skip
-                if grown:
-                    self.store.put(record)
-                return record
-            if record is None:
-                raise NotFound(f"volume {volume_id} does not exist")
-            capacity = pick_capacity(required, limit, default=record.capacity)
-            if capacity <= record.capacity:
-                return record
-            image = self.store.image(volume_id)
-            with exclusive(self.space):
-                ensure_space(self.data_dir, self.store.root, capacity - record.capacity)
-                fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    if record.params.provisioning == "thick":
-                        os.posix_fallocate(fd, 0, capacity)
-                    elif os.fstat(fd).st_size < capacity:
-                        os.ftruncate(fd, capacity)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            record.capacity = capacity
-            self.store.put(record)
+            driver = self.driver_for(volume_id)
+            record, grown = driver.grow(volume_id, required, limit, secrets or {},
+                                        self._get(volume_id))  # fmt: skip
+            if grown:
+                self.store.put(record)
             return record
 
     def scan(self) -> tuple[list[VolumeRecord], dict[str, str]]:
         return self.store.scan()
 
     def image_missing(self, record: VolumeRecord) -> bool:
-        """Whether the node-local image is gone (an RBD image is not looked up: that needs
-        the secret the call does not bring)."""
-        if record.params.backend == "rbd":
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            return self.store.image(record.volume_id).stat().st_size < record.capacity
-        return True
+        """Whether the volume's data is known to be gone (an RBD image is not looked up:
+        that needs the secret the call does not bring)."""
+        return self.driver_for(record.volume_id).missing(record)
 
     def image_size(self, volume_id: str) -> int:
-        if rbd_image_of(volume_id) is not None:
-            return 0
-        with contextlib.suppress(FileNotFoundError):
-            return self.store.image(volume_id).stat().st_size
-        return 0
+        return self.driver_for(volume_id).held_bytes(volume_id)
+
+
+def check_source(source: Source, kind: str) -> None:
+    """A volume is made only from a snapshot or a volume of its own backend."""
+    what, source_id = source
+    found = kind_of_snapshot(source_id) if what == "snapshot" else kind_of_volume(source_id)
+    if found is not None and found != kind:
+        raise InvalidArgument(
+            f"the {what} {source_id} is of backend {found}: it makes {found} volumes only"
+        )

@@ -1,38 +1,43 @@
-"""Controller-side snapshots: a crash-consistent copy of a volume's image, cut while the
-volume's data plane (if it runs on this node) is quiesced and flushed."""
+"""Controller-side snapshots, of a volume of any backend: its driver cuts them (a file
+copy while the volume's data plane is quiesced and flushed, an rbd snapshot), this node
+keeps their records for ListSnapshots."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from pathlib import Path
 
-from csi_vduse.backends.file_copy import copy_image
-from csi_vduse.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_vduse.backends.api import DriverContext, Quiesce
+from csi_vduse.backends.registry import Drivers
+from csi_vduse.errors import FailedPrecondition, InvalidArgument, NotFound
 from csi_vduse.kernel.vduse import DEVICE_DIR
-from csi_vduse.lifecycle import rbd_snapshots
-from csi_vduse.lifecycle.capacity import ensure_space, exclusive
 from csi_vduse.lifecycle.locks import VolumeLocks
-from csi_vduse.lifecycle.provisioning import check_name, existing_volume
+from csi_vduse.lifecycle.provisioning import check_name, volume_id_or_raise
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.snapshots import (
-    ID_PREFIX,
     SnapshotRecord,
     SnapshotStore,
     check_snapshot_id,
-    rbd_snapshot_id_for,
-    rbd_snapshot_of,
-    snapshot_id_for,
+    kind_of_snapshot,
 )
 from csi_vduse.state.staging import StagingStore
-from csi_vduse.state.volumes import InvalidId, VolumeRecord, VolumeStore, rbd_image_of
+from csi_vduse.state.volumes import InvalidId, VolumeStore, kind_of_volume
 
 log = logging.getLogger(__name__)
-Quiesce = Callable[[str], AbstractContextManager[None]]
+
+
+def drivers_for(data_dir: Path, state_dir: Path, locks: VolumeLocks, quiesce: Quiesce) -> Drivers:
+    """The backends' drivers of a process whose volumes and snapshots live in `data_dir`."""
+    return Drivers(
+        DriverContext(
+            data_dir=data_dir, state_dir=state_dir, volumes=VolumeStore(data_dir),
+            snapshots=SnapshotStore(data_dir), locks=locks, space=threading.Lock(),
+            quiesce=quiesce,
+        )
+    )  # fmt: skip
 
 
 def refuse_staged(staging: StagingStore) -> Quiesce:
@@ -58,16 +63,10 @@ def snapshot_id_or_raise(snapshot_id: str) -> bool:
 
 
 class Snapshots:
-    def __init__(
-        self, data_dir: Path, volumes: VolumeStore, locks: VolumeLocks, space: threading.Lock,
-        quiesce: Quiesce,
-    ) -> None:  # fmt: skip
-        self.data_dir = data_dir
-        self.store = SnapshotStore(data_dir)
-        self.volumes = volumes
+    def __init__(self, drivers: Drivers, locks: VolumeLocks) -> None:
+        self.drivers = drivers
+        self.store = drivers.ctx.snapshots
         self.locks = locks
-        self.space = space
-        self.quiesce = quiesce
 
     def create(
         self, name: str, source_volume_id: str, secrets: dict[str, str] | None = None
@@ -75,55 +74,16 @@ class Snapshots:
         check_name(name)
         if not source_volume_id:
             raise InvalidArgument("source_volume_id is required")
-        if rbd_image_of(source_volume_id) is not None:
-            return self._cut_rbd(name, source_volume_id, secrets or {})
-        snapshot_id = snapshot_id_for(name)
+        kind = kind_of_volume(source_volume_id) if volume_id_or_raise(source_volume_id) else None
+        if kind is None:
+            raise NotFound(f"volume {source_volume_id} does not exist")
+        driver = self.drivers.kind(kind)
+        snapshot_id = driver.snapshot_id(name, source_volume_id)
         with self.locks.hold(snapshot_id):
-            existing = self._get(snapshot_id)
-            if existing is not None:
-                if existing.source_volume_id != source_volume_id:
-                    raise AlreadyExists(
-                        f"snapshot {name} exists of volume {existing.source_volume_id}, "
-                        f"not of {source_volume_id}"
-                    )
-                return existing
-            with self.locks.hold(source_volume_id):
-                volume = existing_volume(self.volumes, source_volume_id)
-                return self._cut(snapshot_id, name, volume)
-
-    def _cut_rbd(self, name: str, source_volume_id: str, secrets: dict[str, str]) -> SnapshotRecord:
-        """An rbd snapshot in the pool, and a copy of its record here for ListSnapshots."""
-        pool, _ = rbd_image_of(source_volume_id) or ("", "")
-        with self.locks.hold(rbd_snapshot_id_for(name, pool)):
-            record = rbd_snapshots.cut(name, source_volume_id, secrets)
+            record = driver.snapshot_create(snapshot_id, name, source_volume_id, secrets or {})
             self.store.ensure()
             self.store.put(record)
             return record
-
-    def _cut(self, snapshot_id: str, name: str, volume: VolumeRecord) -> SnapshotRecord:
-        source = self.volumes.image(volume.volume_id)
-        image = self.store.image(snapshot_id)
-        self.store.ensure()
-        image.unlink(missing_ok=True)  # a cut that crashed before its record
-        with exclusive(self.space):
-            try:
-                held = os.stat(source).st_blocks * 512
-            except FileNotFoundError:
-                raise FailedPrecondition(f"volume {volume.volume_id} has no image") from None
-            ensure_space(self.data_dir, self.volumes.root, held)
-            size = os.stat(source).st_size
-            how = copy_image(
-                source, image, size, reflink=volume.params.provisioning != "thick",
-                hold=self.quiesce(volume.volume_id),
-            )  # fmt: skip
-            size = os.stat(image).st_size
-        record = SnapshotRecord(
-            snapshot_id=snapshot_id, name=name, source_volume_id=volume.volume_id, size=size,
-            formatted=volume.formatted, fs_type=volume.fs_type,
-        )  # fmt: skip
-        self.store.put(record)
-        log.info("%s: snapshot %s of %d bytes cut (%s)", volume.volume_id, snapshot_id, size, how)
-        return record
 
     def _get(self, snapshot_id: str) -> SnapshotRecord | None:
         try:
@@ -147,20 +107,11 @@ class Snapshots:
             raise InvalidArgument("snapshot_id is required")
         if not snapshot_id_or_raise(snapshot_id):
             return
+        kind = kind_of_snapshot(snapshot_id)
+        assert kind is not None
         with self.locks.hold(snapshot_id):
-            if rbd_snapshot_of(snapshot_id) is not None:
-                rbd_snapshots.remove(snapshot_id, secrets or {})
+            self.drivers.kind(kind).snapshot_delete(snapshot_id, secrets or {})
             self.store.delete(snapshot_id)
-
-    def remove_orphans(self) -> None:
-        """Images without a record: cuts or deletes that a crash interrupted, never
-        answered as made. Run at start-up, before any CreateSnapshot."""
-        if not self.store.root.is_dir():
-            return
-        for image in self.store.root.glob(f"{ID_PREFIX}*.img"):
-            if not (image.with_suffix(".json")).exists():
-                log.warning("%s: removing a snapshot image without a record", image.stem)
-                image.unlink(missing_ok=True)
 
     def scan(self) -> list[SnapshotRecord]:
         records, unreadable = self.store.scan()

@@ -4,48 +4,34 @@ written: a record means a snapshot that is ready to use."""
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 from pathlib import Path
 
+from csi_vduse.state import ids
 from csi_vduse.state.atomic import remove_durably, write_atomic
 from csi_vduse.state.records import Record, load, scan
-from csi_vduse.state.volumes import InvalidId, check_volume_id
 
-ID_PREFIX = "vduse-snap-"
-_ID = re.compile(r"^vduse-snap-[0-9a-f]{40}$")
-# An RBD snapshot's id names its pool, since DeleteSnapshot is given nothing else.
-RBD_ID_PREFIX = ID_PREFIX + "rbd-"
-_RBD_ID = re.compile(r"^vduse-snap-rbd-([0-9a-f]{40})-([A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+ID_PREFIX = ids.SNAPSHOT_PREFIX
 
 
-def _name_hash(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()[:40]
+def snapshot_id_for(name: str, kind: str = "file", location: str = "") -> str:
+    return ids.make(ID_PREFIX, kind, name, location)
 
 
-def snapshot_id_for(name: str) -> str:
-    return ID_PREFIX + _name_hash(name)
+def parse_snapshot_id(snapshot_id: str) -> ids.ParsedId | None:
+    return ids.parse(ID_PREFIX, snapshot_id)
 
 
-def rbd_snapshot_id_for(name: str, pool: str) -> str:
-    return f"{RBD_ID_PREFIX}{_name_hash(name)}-{pool}"
-
-
-def rbd_snapshot_of(snapshot_id: str) -> tuple[str, str] | None:
-    """(pool, name of the rbd snapshot) of an RBD snapshot's id; None for any other id."""
-    found = _RBD_ID.match(snapshot_id)
-    return (found[2], f"csi-vduse-snap-{found[1]}") if found else None
+def kind_of_snapshot(snapshot_id: str) -> str | None:
+    parsed = ids.parse(ID_PREFIX, snapshot_id)
+    return parsed.kind if parsed else None
 
 
 def check_snapshot_id(snapshot_id: str) -> bool:
     """True for one of our ids, False for a harmless id that cannot be ours; InvalidId for
     one that is empty, too long or could name another path."""
-    try:
-        check_volume_id(snapshot_id)  # the same rules of form
-    except InvalidId as e:
-        raise InvalidId(str(e).replace("volume_id", "snapshot_id")) from None
-    return bool(_ID.match(snapshot_id) or _RBD_ID.match(snapshot_id))
+    ids.check_form(snapshot_id, "snapshot_id")
+    return ids.parse(ID_PREFIX, snapshot_id) is not None
 
 
 class SnapshotRecord(Record):

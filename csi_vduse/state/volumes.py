@@ -6,67 +6,55 @@ goes from False to True, whoever writes the record."""
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
+from csi_vduse.backends.registry import kinds
 from csi_vduse.dataplane.qos import QosLimits
+from csi_vduse.state import ids
 from csi_vduse.state.atomic import fsync_dir, remove_durably, write_atomic
 from csi_vduse.state.records import Record, load, scan
 
-ID_PREFIX = "vduse-"
-_ID = re.compile(r"^vduse-[0-9a-f]{40}$")
-# An RBD volume's id names its pool, since DeleteVolume is given nothing else.
-RBD_ID_PREFIX = "vduse-rbd-"
-_RBD_ID = re.compile(r"^vduse-rbd-([0-9a-f]{40})-([A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
-POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-MAX_ID_BYTES = 128
+ID_PREFIX = ids.VOLUME_PREFIX
+POOL_NAME = ids.LOCATION
+InvalidId = ids.InvalidId
 
 
-class InvalidId(ValueError):
-    pass
-
-
-def volume_id_for(name: str) -> str:
+def volume_id_for(name: str, kind: str = "file", location: str = "") -> str:
     """Deterministic, so that CreateVolume is idempotent by name across crashes."""
-    return ID_PREFIX + _name_hash(name)
+    return ids.make(ID_PREFIX, kind, name, location)
 
 
-def _name_hash(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()[:40]
+def parse_volume_id(volume_id: str) -> ids.ParsedId | None:
+    return ids.parse(ID_PREFIX, volume_id)
 
 
-def rbd_volume_id_for(name: str, pool: str) -> str:
-    return f"{RBD_ID_PREFIX}{_name_hash(name)}-{pool}"
-
-
-def rbd_image_of(volume_id: str) -> tuple[str, str] | None:
-    """(pool, image) of an RBD volume's id; None for any other id."""
-    found = _RBD_ID.match(volume_id)
-    return (found[2], f"csi-vduse-{found[1]}") if found else None
+def kind_of_volume(volume_id: str) -> str | None:
+    """The backend of one of our volume ids; None for any other id."""
+    parsed = ids.parse(ID_PREFIX, volume_id)
+    return parsed.kind if parsed else None
 
 
 def serial_for(volume_id: str) -> str:
     """The virtio-blk serial (20 bytes at most): the end of the id's hash."""
-    found = _RBD_ID.match(volume_id)
-    return (found[1] if found else volume_id)[-20:]
+    parsed = ids.parse(ID_PREFIX, volume_id)
+    return (parsed.hash if parsed else volume_id)[-20:]
 
 
 def check_volume_id(volume_id: str) -> bool:
     """True for one of our ids; False for a harmless id that cannot be ours.
     Raises InvalidId for an id that is empty, too long, or could name another path."""
-    if not volume_id:
-        raise InvalidId("volume_id is required")
-    if len(volume_id.encode()) > MAX_ID_BYTES:
-        raise InvalidId(f"volume_id is longer than {MAX_ID_BYTES} bytes")
-    if not _SAFE.match(volume_id):
-        raise InvalidId(f"volume_id {volume_id!r} holds characters other than [A-Za-z0-9._-]")
-    return bool(_ID.match(volume_id) or _RBD_ID.match(volume_id))
+    ids.check_form(volume_id, "volume_id")
+    return ids.parse(ID_PREFIX, volume_id) is not None
+
+
+def _known_kind(kind: str) -> str:
+    if kind not in kinds():
+        raise ValueError(f"backend {kind!r} is not one of {', '.join(kinds())}")
+    return kind
 
 
 class VolumeParams(BaseModel):
@@ -79,8 +67,8 @@ class VolumeParams(BaseModel):
     attach: Literal["virtio-vdpa", "vhost-vdpa"] = "virtio-vdpa"
     # page: through the node's page cache; direct: O_DIRECT where the file system allows
     cache: Literal["page", "direct"] = "page"
-    # file: an image in the node's data dir; rbd: an image in a Ceph pool, any node
-    backend: Literal["file", "rbd"] = "file"
+    # the backend (backends/registry.py) and, for one that needs it, the pool
+    backend: Annotated[str, AfterValidator(_known_kind)] = "file"
     pool: str | None = None
 
 

@@ -12,12 +12,12 @@ from typing import Any
 import grpc
 import pytest
 
+from csi_vduse.backends.rbd.pool import image_of as rbd_image_of
 from csi_vduse.cluster.resources import NODE_LABEL, SNAPSHOTS, VOLUMES
 from csi_vduse.config import ServeConfig
 from csi_vduse.csi.cluster_controller import ClusterControllerService
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.errors import DriverError
-from csi_vduse.state.volumes import rbd_image_of
 from tests.ceph.cluster import CephCluster
 
 MiB = 1 << 20

@@ -5,20 +5,20 @@ leaves no image behind, in the pool or in its trash."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
 from csi_vduse._native import ffi
 from csi_vduse.backends import rbd
+from csi_vduse.backends.rbd.pool import image_of as rbd_image_of
+from csi_vduse.backends.rbd.pool import snapshot_of as rbd_snapshot_of
 from csi_vduse.errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.provisioning import Provisioner
-from csi_vduse.lifecycle.snapshots import Snapshots, refuse_staged
-from csi_vduse.state.snapshots import rbd_snapshot_of
+from csi_vduse.lifecycle.snapshots import Snapshots, drivers_for, refuse_staged
 from csi_vduse.state.staging import StagingStore
-from csi_vduse.state.volumes import Source, VolumeStore, rbd_image_of
+from csi_vduse.state.volumes import Source
 from tests.ceph.cluster import CephCluster
 
 MiB = 1 << 20
@@ -33,8 +33,8 @@ def secrets(ceph: CephCluster) -> dict[str, str]:
 @pytest.fixture
 def services(tmp_path: Path) -> tuple[Provisioner, Snapshots]:
     data, staging, locks = tmp_path / "data", StagingStore(tmp_path / "state"), VolumeLocks()
-    snapshots = Snapshots(data, VolumeStore(data), locks, threading.Lock(), refuse_staged(staging))
-    return Provisioner(data, staging, locks, snapshots), snapshots
+    drivers = drivers_for(data, tmp_path / "state", locks, refuse_staged(staging))
+    return Provisioner(drivers, staging, locks), Snapshots(drivers, locks)
 
 
 def image_of(volume_id: str) -> str:

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from csi_vduse.backends import rbd
+from csi_vduse.backends.rbd import volumes as rbd_volumes
+from csi_vduse.backends.rbd.pool import image_of as rbd_image_of
 from csi_vduse.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from csi_vduse.lifecycle import rbd_volumes
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.provisioning import Provisioner
+from csi_vduse.lifecycle.snapshots import drivers_for, refuse_staged
 from csi_vduse.state.staging import StagingStore
-from csi_vduse.state.volumes import rbd_image_of
 from tests.ceph.cluster import CephCluster
 
 MiB = 1 << 20
@@ -26,7 +27,9 @@ def secrets(ceph: CephCluster) -> dict[str, str]:
 
 @pytest.fixture
 def provisioner(tmp_path: Path) -> Provisioner:
-    return Provisioner(tmp_path / "data", StagingStore(tmp_path / "state"), VolumeLocks())
+    staging, locks = StagingStore(tmp_path / "state"), VolumeLocks()
+    drivers = drivers_for(tmp_path / "data", tmp_path / "state", locks, refuse_staged(staging))
+    return Provisioner(drivers, staging, locks)
 
 
 def params(ceph: CephCluster, **more: str) -> dict[str, str]:

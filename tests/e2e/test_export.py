@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_vduse.backends import FileBackend
+from csi_vduse.backends.file import FileBackend
 from csi_vduse.dataplane.blk_device import BlkParams
 from csi_vduse.kernel import sysfs
 from csi_vduse.kernel.vdpa import VdpaClient

@@ -18,10 +18,10 @@ import pytest
 from pydantic import SecretStr
 
 from csi_vduse.backends import rbd
+from csi_vduse.backends.rbd.pool import image_of as rbd_image_of
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.dataplane.blk_device import BlkParams
 from csi_vduse.lifecycle.attachment import Attachment
-from csi_vduse.state.volumes import rbd_image_of
 from tests.ceph.cluster import CephCluster, missing_binaries
 from tests.csi_client import Plugin, code_of, mount_cap
 from tests.e2e.helpers import Export, assert_gone, run

@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.stream import stream
 
-from csi_vduse.state.volumes import rbd_image_of
+from csi_vduse.backends.rbd.pool import image_of as rbd_image_of
 from tests.ceph.cluster import CephCluster
 from tests.cluster.images import image_reference
 from tests.cluster.node import NODE_NAME, Node

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from csi_vduse._native import ffi, lib
-from csi_vduse.backends import FileBackend
+from csi_vduse.backends.file import FileBackend
 from csi_vduse.dataplane.blk_device import BlkParams
 from csi_vduse.dataplane.server import INFLIGHT_STRIDE, BlockServer
 from csi_vduse.kernel.vduse import Request, VqInfo

@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from csi_vduse._native import lib
-from csi_vduse.backends import BackendError, FileBackend
+from csi_vduse.backends import BackendError
+from csi_vduse.backends.file import FileBackend
 from csi_vduse.cli import main
 from csi_vduse.dataplane.blk_device import BlkParams, capacity_field, config_space, features
 from csi_vduse.kernel.netlink import NetlinkError, attr_int, attr_str, pack_attr, parse_attrs, strz

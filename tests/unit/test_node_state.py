@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_vduse.backends import FileBackend
+from csi_vduse.backends.file import FileBackend
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.lifecycle import mounts
 from csi_vduse.state.records import UnreadableRecord

@@ -8,19 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from csi_vduse.backends.rbd.access_store import CephAccessStore
+from csi_vduse.backends.rbd.pool import access_from
+from csi_vduse.backends.rbd.pool import image_of as rbd_image_of
+from csi_vduse.backends.rbd.pool import volume_id_for as rbd_volume_id_for
 from csi_vduse.errors import InvalidArgument
 from csi_vduse.lifecycle.provisioning import parse_parameters
-from csi_vduse.lifecycle.rbd_pool import access_from
-from csi_vduse.state.ceph_access import CephAccessStore
 from csi_vduse.state.records import UnreadableRecord
-from csi_vduse.state.volumes import (
-    InvalidId,
-    check_volume_id,
-    rbd_image_of,
-    rbd_volume_id_for,
-    serial_for,
-    volume_id_for,
-)
+from csi_vduse.state.volumes import InvalidId, check_volume_id, serial_for, volume_id_for
 
 SECRET = {"monitors": "v2:127.0.0.1:3300", "userID": "csi", "userKey": "AQBsecretsecret=="}
 

@@ -14,7 +14,8 @@ import logging
 import time
 
 from csi_vduse.backends.base import BackendError
-from csi_vduse.backends.rbd import (
+from csi_vduse.backends.rbd import snapshots as rbd_snapshots
+from csi_vduse.backends.rbd.cluster import (
     ImageBusy,
     ImageHasSnapshots,
     NoSuchImage,
@@ -22,26 +23,25 @@ from csi_vduse.backends.rbd import (
     RbdBackend,
     RbdCluster,
 )
-from csi_vduse.dataplane.qos import QosLimits
-from csi_vduse.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange, Unavailable
-from csi_vduse.lifecycle import rbd_snapshots
-from csi_vduse.lifecycle.capacity import pick_capacity
-from csi_vduse.lifecycle.rbd_pool import (
+from csi_vduse.backends.rbd.pool import (
+    IMAGE_PREFIX,
     RECORD_KEY,
     access_from,
     connected,
     read_record,
     record_if_any,
+    snapshot_id_of,
+    snapshot_of,
     target,
+    volume_id_for,
 )
-from csi_vduse.state.snapshots import RBD_ID_PREFIX as RBD_SNAPSHOT_PREFIX
-from csi_vduse.state.snapshots import rbd_snapshot_of
-from csi_vduse.state.volumes import Source, VolumeParams, VolumeRecord, rbd_volume_id_for
+from csi_vduse.dataplane.qos import QosLimits
+from csi_vduse.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange, Unavailable
+from csi_vduse.lifecycle.capacity import pick_capacity
+from csi_vduse.state.volumes import Source, VolumeParams, VolumeRecord
 
 log = logging.getLogger(__name__)
-IMAGE_PREFIX = "csi-vduse-"
 CLONE_SNAP_PREFIX = "csi-vduse-clone-"  # the snapshot a clone of a volume is made from
-USER_SNAP_PREFIX = "csi-vduse-snap-"  # a CSI snapshot's
 
 
 def create(
@@ -93,7 +93,7 @@ def _clone(cluster: RbdCluster, record: VolumeRecord, image: str, required: int,
     if kind == "snapshot":
         snapshot = rbd_snapshots.fetch(source_id, cluster)
         _, parent = target(snapshot.source_volume_id)
-        _, snap = rbd_snapshot_of(source_id) or ("", "")
+        _, snap = snapshot_of(source_id) or ("", "")
         size, formatted, fs_type = snapshot.size, snapshot.formatted, snapshot.fs_type
     else:
         _, parent = target(source_id)
@@ -127,7 +127,7 @@ def provision(
         rbd_snapshots.check_source(*source, params.pool)
     access = access_from(secrets, params.pool, "provisioner")
     record = VolumeRecord(
-        volume_id=rbd_volume_id_for(name, params.pool), name=name,
+        volume_id=volume_id_for(name, params.pool), name=name,
         capacity=0 if source else pick_capacity(required, limit), params=params, qos=qos,
         created_at=time.time(), source=source,
     )  # fmt: skip
@@ -176,7 +176,7 @@ def _delete(cluster: RbdCluster, volume_id: str, image: str) -> None:
         return
     kept = []
     for snap in names:
-        snapshot_id = _snapshot_id(snap, cluster.access.pool)
+        snapshot_id = snapshot_id_of(snap, cluster.access.pool)
         if snapshot_id and rbd_snapshots.read(cluster, snapshot_id):
             kept.append(snapshot_id)
         elif snap.startswith(IMAGE_PREFIX):  # a clone's, or a cut never answered
@@ -186,12 +186,6 @@ def _delete(cluster: RbdCluster, volume_id: str, image: str) -> None:
             f"volume {volume_id} has snapshots ({', '.join(sorted(kept))}); delete them first"
         )
     _remove(cluster, image)
-
-
-def _snapshot_id(snap: str, pool: str) -> str | None:
-    if not snap.startswith(USER_SNAP_PREFIX):
-        return None
-    return f"{RBD_SNAPSHOT_PREFIX}{snap.removeprefix(USER_SNAP_PREFIX)}-{pool}"
 
 
 def _remove(cluster: RbdCluster, image: str) -> None:

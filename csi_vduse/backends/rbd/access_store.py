@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from csi_vduse.backends.rbd import RbdAccess
+from csi_vduse.backends.rbd.cluster import RbdAccess
 from csi_vduse.state.atomic import remove_durably, write_atomic
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.volumes import check_volume_id

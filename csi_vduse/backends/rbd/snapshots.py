@@ -11,7 +11,16 @@ import time
 from pydantic import ValidationError
 
 from csi_vduse.backends.base import BackendError
-from csi_vduse.backends.rbd import NoSuchImage, RbdCluster
+from csi_vduse.backends.rbd.cluster import NoSuchImage, RbdCluster
+from csi_vduse.backends.rbd.pool import (
+    access_from,
+    connected,
+    image_of,
+    record_if_any,
+    snapshot_id_for,
+    snapshot_of,
+    target,
+)
 from csi_vduse.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -19,9 +28,7 @@ from csi_vduse.errors import (
     NotFound,
     Unavailable,
 )
-from csi_vduse.lifecycle.rbd_pool import access_from, connected, record_if_any, target
-from csi_vduse.state.snapshots import SnapshotRecord, rbd_snapshot_id_for, rbd_snapshot_of
-from csi_vduse.state.volumes import rbd_image_of
+from csi_vduse.state.snapshots import SnapshotRecord
 
 log = logging.getLogger(__name__)
 RECORD_PREFIX = "csi-vduse.snapshot."
@@ -48,8 +55,8 @@ def cut(name: str, source_volume_id: str, secrets: dict[str, str]) -> SnapshotRe
     """CreateSnapshot of an RBD volume, with the snapshotter secret: the snapshot taken,
     or the one a previous call took."""
     pool, image = target(source_volume_id)
-    snapshot_id = rbd_snapshot_id_for(name, pool)
-    _, snap = rbd_snapshot_of(snapshot_id) or ("", "")
+    snapshot_id = snapshot_id_for(name, pool)
+    _, snap = snapshot_of(snapshot_id) or ("", "")
     with connected(access_from(secrets, pool, "snapshotter")) as cluster:
         existing = read(cluster, snapshot_id)
         if existing is not None:
@@ -81,7 +88,7 @@ def cut(name: str, source_volume_id: str, secrets: dict[str, str]) -> SnapshotRe
 def remove(snapshot_id: str, secrets: dict[str, str]) -> None:
     """DeleteSnapshot: the rbd snapshot, then its record. A snapshot that volumes were made
     from stays in its image's trash namespace until the last of them is deleted."""
-    found = rbd_snapshot_of(snapshot_id)
+    found = snapshot_of(snapshot_id)
     assert found is not None, snapshot_id
     pool, snap = found
     with connected(access_from(secrets, pool, "snapshotter")) as cluster:
@@ -108,7 +115,7 @@ def fetch(snapshot_id: str, cluster: RbdCluster) -> SnapshotRecord:
 
 def check_source(kind: str, source_id: str, pool: str) -> None:
     """A source an rbd volume can be made from: an rbd snapshot or volume of its pool."""
-    found = rbd_snapshot_of(source_id) if kind == "snapshot" else rbd_image_of(source_id)
+    found = snapshot_of(source_id) if kind == "snapshot" else image_of(source_id)
     if found is None:
         raise InvalidArgument(f"an rbd volume is made only from an rbd {kind}, not {source_id}")
     if found[0] != pool:

@@ -9,13 +9,50 @@ from contextlib import contextmanager
 from pydantic import SecretStr, ValidationError
 
 from csi_vduse.backends.base import BackendError
-from csi_vduse.backends.rbd import NoSuchImage, RbdAccess, RbdCluster
+from csi_vduse.backends.rbd.cluster import NoSuchImage, RbdAccess, RbdCluster
 from csi_vduse.errors import FailedPrecondition, InvalidArgument, Unavailable
-from csi_vduse.state.volumes import VolumeRecord, rbd_image_of
+from csi_vduse.state import ids
+from csi_vduse.state.snapshots import parse_snapshot_id
+from csi_vduse.state.volumes import VolumeRecord, parse_volume_id
 
 # The keys of the Secret, as ceph-csi names them (monitors: comma-separated addresses)
 MONITORS, USER, KEY = "monitors", "userID", "userKey"
 RECORD_KEY = "csi-vduse.record"
+KIND = "rbd"
+IMAGE_PREFIX = "csi-vduse-"
+USER_SNAP_PREFIX = "csi-vduse-snap-"  # a CSI snapshot's rbd snapshot
+
+
+def volume_id_for(name: str, pool: str) -> str:
+    """An RBD volume's id names its pool: DeleteVolume is given nothing else."""
+    return ids.make(ids.VOLUME_PREFIX, KIND, name, pool)
+
+
+def snapshot_id_for(name: str, pool: str) -> str:
+    return ids.make(ids.SNAPSHOT_PREFIX, KIND, name, pool)
+
+
+def image_of(volume_id: str) -> tuple[str, str] | None:
+    """(pool, image) of an RBD volume's id; None for any other id."""
+    parsed = parse_volume_id(volume_id)
+    if parsed is None or parsed.kind != KIND:
+        return None
+    return parsed.location, IMAGE_PREFIX + parsed.hash
+
+
+def snapshot_of(snapshot_id: str) -> tuple[str, str] | None:
+    """(pool, name of the rbd snapshot) of an RBD snapshot's id; None for any other id."""
+    parsed = parse_snapshot_id(snapshot_id)
+    if parsed is None or parsed.kind != KIND:
+        return None
+    return parsed.location, USER_SNAP_PREFIX + parsed.hash
+
+
+def snapshot_id_of(snap: str, pool: str) -> str | None:
+    """The CSI snapshot whose rbd snapshot is `snap`; None for another snapshot."""
+    if not snap.startswith(USER_SNAP_PREFIX):
+        return None
+    return ids.compose(ids.SNAPSHOT_PREFIX, KIND, snap.removeprefix(USER_SNAP_PREFIX), pool)
 
 
 def access_from(secrets: dict[str, str], pool: str, which: str) -> RbdAccess:
@@ -40,7 +77,7 @@ def access_from(secrets: dict[str, str], pool: str, which: str) -> RbdAccess:
 
 
 def target(volume_id: str) -> tuple[str, str]:
-    found = rbd_image_of(volume_id)
+    found = image_of(volume_id)
     assert found is not None, volume_id
     return found
 
