@@ -31,6 +31,7 @@ from csi_vduse.lifecycle import mounts, vhost_nodes
 from csi_vduse.lifecycle.access import VolumeAccess
 from csi_vduse.lifecycle.attachment import Attachment
 from csi_vduse.lifecycle.capacity import pick_capacity
+from csi_vduse.lifecycle.io_health import IoHealth
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.provisioning import fit_reason, volume_id_or_raise
 from csi_vduse.lifecycle.snapshots import drivers_for
@@ -105,6 +106,8 @@ class NodeVolumes:
         self.max_volumes = max_volumes
         self.attached: dict[str, Attached] = {}
         self.problems: dict[str, str] = {}  # why a staged volume is not served; for conditions
+        self.io_health: dict[str, IoHealth] = {}  # of each served volume, per reconcile
+        self._last_sample = time.monotonic()
 
     def _driver(self, volume_id: str) -> VolumeDriver:
         kind = kind_of_volume(volume_id)
@@ -187,6 +190,11 @@ class NodeVolumes:
             del self.attached[volume_id]
         self.staging.delete(volume_id)
         self._driver(volume_id).forget(volume_id)
+        if volume_id not in self.attached:
+            self._data_plane_log(volume_id).unlink(missing_ok=True)
+
+    def _data_plane_log(self, volume_id: str) -> Path:
+        return self.log_dir / f"{volume_id}.log"
 
     def _attach(self, record: VolumeRecord, readonly: bool) -> Attached:
         current = self.attached.get(record.volume_id)
@@ -196,6 +204,7 @@ class NodeVolumes:
             return self._adopt(record.volume_id, readonly)
         attached = self._serve(record, readonly, resume=False)
         self.attached[record.volume_id] = attached
+        self.problems.pop(record.volume_id, None)  # a device made again: a gone one is past
         return attached
 
     def _serve(self, record: VolumeRecord, readonly: bool, resume: bool) -> Attached:
@@ -209,7 +218,7 @@ class NodeVolumes:
         )  # fmt: skip
         attachment = Attachment(
             record.volume_id, backend, params, sysfs.ATTACH_DRIVERS[record.params.attach],
-            log_path=self.log_dir / f"{record.volume_id}.log",
+            log_path=self._data_plane_log(record.volume_id),
         )  # fmt: skip
         try:
             if resume:
@@ -321,7 +330,7 @@ class NodeVolumes:
                 del self.attached[volume_id]
             self.staging.delete(volume_id)
             self._driver(volume_id).forget(volume_id)
-            (self.log_dir / f"{volume_id}.log").unlink(missing_ok=True)
+            self._data_plane_log(volume_id).unlink(missing_ok=True)
             self.problems.pop(volume_id, None)
 
     # publishing
@@ -511,6 +520,8 @@ class NodeVolumes:
         if server is None:
             return True, "volume has no data plane"
         found = server.problems()
+        if (health := self.io_health.get(volume_id)) is not None and health.failing:
+            found.append(health.failing)
         if found:
             return True, "; ".join(found)
         stats = server.stats()
@@ -547,6 +558,7 @@ class NodeVolumes:
         """Serves every VDUSE device of a volume on this node that nobody serves: at
         start-up (the devices a previous process left staged) and periodically (what
         failed before). Reports in the volumes' conditions what it cannot fix."""
+        self._sample_io()
         self.staging.ensure()
         staged, unreadable = self.staging.scan()
         by_id = {r.volume_id: r for r in staged}
@@ -561,6 +573,16 @@ class NodeVolumes:
                     self._reconcile_one(volume_id, by_id.get(volume_id), volume_id in devices)
             except Exception as e:  # busy (retried next round) or reported in its condition
                 log.debug("%s: not reconciled now: %s", volume_id, e)
+
+    def _sample_io(self) -> None:
+        now = time.monotonic()
+        seconds, self._last_sample = now - self._last_sample, now
+        for volume_id in list(self.io_health.keys() - self.attached.keys()):
+            del self.io_health[volume_id]
+        for volume_id, attached in list(self.attached.items()):
+            server = attached.attachment.server
+            if server is not None:
+                self.io_health.setdefault(volume_id, IoHealth()).observe(server.stats(), seconds)
 
     def _reconcile_one(self, volume_id: str, staged: StageRecord | None, has_device: bool) -> None:
         if volume_id in self.attached:
@@ -586,6 +608,9 @@ class NodeVolumes:
         attached.attachment.stop()
         attached.backend.close()
         del self.attached[volume_id]
+        self._driver(volume_id).forget(volume_id)
+        self._data_plane_log(volume_id).unlink(missing_ok=True)
+        self.problems.pop(volume_id, None)
 
     def dead_threads(self) -> list[str]:
         found = []

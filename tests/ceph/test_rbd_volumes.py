@@ -108,3 +108,22 @@ def test_a_create_that_stopped_before_its_record_starts_over(
     assert record.capacity == 16 * MiB
     assert str(16 * MiB) in ceph.rbd("info", f"{ceph.pool}/{image}", "--format", "json")
     provisioner.delete(volume_id, secrets)
+
+
+@pytest.mark.parametrize("form", ["keyring", "line", "cut"])
+def test_a_malformed_key_never_reaches_a_log_or_an_error(
+    provisioner: Provisioner, ceph: CephCluster, secrets: dict[str, str],
+    capfd: pytest.CaptureFixture[str], form: str,
+) -> None:  # fmt: skip
+    key = secrets["userKey"]
+    bad = {
+        "keyring": f"[client.{ceph.user}]\n\tkey = {key}\n",
+        "line": f"key = {key}",
+        "cut": key[:-6],
+    }[form]
+    with pytest.raises(InvalidArgument, match="not a cephx key") as e:
+        provisioner.create("pvc-k", 8 * MiB, 0, params(ceph), secrets={**secrets, "userKey": bad})
+    out, err = capfd.readouterr()  # what this process and librados wrote to fds 1 and 2
+    for text in (str(e.value), out, err):
+        assert key[4:20] not in text and key[-12:] not in text
+    assert ceph.rbd("ls", ceph.pool).strip() == ""

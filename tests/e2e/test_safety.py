@@ -96,6 +96,8 @@ def test_a_disk_with_a_partition_table_is_never_formatted(plugin: Plugin, workdi
     with open(workdir / "data" / "volumes" / f"{vid}.img", "rb") as f:
         assert f.read(512) == mbr(64 * MiB // 512)
     assert mounts.mount_at(staging) is None and device_count() == 0
+    left = [str(p) for p in (workdir / "state").rglob(f"{vid}*")]
+    assert left == []  # the refused stage left no record, secret or data-plane log
 
 
 def test_a_read_only_block_publish_refuses_writes(plugin: Plugin, workdir: Path) -> None:

@@ -3,7 +3,9 @@ secret a node keeps for a restarted plugin."""
 
 from __future__ import annotations
 
+import base64
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ from csi_vduse.lifecycle.provisioning import parse_parameters
 from csi_vduse.state.records import UnreadableRecord
 from csi_vduse.state.volumes import InvalidId, check_volume_id, serial_for, volume_id_for
 
-SECRET = {"monitors": "v2:127.0.0.1:3300", "userID": "csi", "userKey": "AQBsecretsecret=="}
+# a cephx key's encoding: type (AES), created (seconds, nanoseconds), length, secret
+KEY = base64.b64encode(struct.pack("<HIIH", 1, 1700000000, 0, 16) + bytes(range(16))).decode()
+SECRET = {"monitors": "v2:127.0.0.1:3300", "userID": "csi", "userKey": KEY}
 
 
 def test_an_rbd_class_needs_a_pool_and_takes_no_file_options() -> None:
@@ -72,3 +76,20 @@ def test_the_kept_secret_is_readable_by_root_only_and_goes_at_unstage(tmp_path: 
     store.delete(vid)
     with pytest.raises(UnreadableRecord, match="NodeStageVolume"):
         store.get(vid)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        f"[client.csi]\n\tkey = {KEY}\n",  # a keyring pasted whole
+        f"key = {KEY}",  # a keyring line
+        KEY[:-4],  # cut short
+        KEY.replace("A", "*"),  # not base64
+        KEY + KEY,  # two keys
+    ],
+)
+def test_a_malformed_key_is_refused_before_librados_and_never_echoed(bad: str) -> None:
+    with pytest.raises(InvalidArgument, match="userKey is not a cephx key") as e:
+        access_from({**SECRET, "userKey": bad}, "kube", "node-stage")
+    message = str(e.value)
+    assert not any(part in message for part in (bad, KEY, KEY[:8], KEY[-8:]))

@@ -4,6 +4,7 @@ The key comes from a CSI secret and is never logged or shown in a repr."""
 
 from __future__ import annotations
 
+import binascii
 import errno
 import os
 import time
@@ -37,6 +38,23 @@ def _bare_user(user: str) -> str:
     return user
 
 
+def check_key(key: SecretStr) -> SecretStr:
+    """A cephx key as `ceph auth get-key` prints it: base64 of a key's encoding (type,
+    creation time, length, secret). Checked before librados sees it, since librados prints
+    a key it cannot decode; the error never holds any part of it."""
+    try:
+        raw = binascii.a2b_base64(key.get_secret_value().encode(), strict_mode=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raw = b""
+    header = 2 + 8 + 2  # type, created (seconds, nanoseconds), secret's length
+    if len(raw) <= header or int.from_bytes(raw[10:12], "little") != len(raw) - header:
+        raise ValueError(
+            "the key is not a cephx key: give the base64 key alone, as `ceph auth get-key` "
+            "prints it, not a keyring line"
+        )
+    return key
+
+
 class RbdAccess(BaseModel):
     """Where the pool is and who may use it: the monitors, a cephx user (without
     "client.") and its key, as a CSI secret holds them."""
@@ -45,7 +63,7 @@ class RbdAccess(BaseModel):
 
     monitors: str
     user: Annotated[str, AfterValidator(_bare_user)]
-    key: SecretStr
+    key: Annotated[SecretStr, AfterValidator(check_key)]
     pool: str
 
 

@@ -70,7 +70,13 @@ def access_from(secrets: dict[str, str], pool: str, which: str) -> RbdAccess:
             key=SecretStr(secrets[KEY]),
             pool=pool,
         )
-    except ValidationError:
+    except ValidationError as e:
+        fields = {str(err["loc"][0]) for err in e.errors()}
+        if "key" in fields:
+            raise InvalidArgument(
+                f"the {which} secret's {KEY} is not a cephx key: give the base64 key alone, "
+                "as `ceph auth get-key` prints it, not a keyring line"
+            ) from None
         raise InvalidArgument(
             f"the {which} secret's {USER} must be the cephx user without 'client.'"
         ) from None
