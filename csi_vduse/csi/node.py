@@ -9,6 +9,7 @@ from csi_vduse.csi import capabilities
 from csi_vduse.csi.errors import rpc
 from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
+from csi_vduse.csi.slots import Slots
 from csi_vduse.errors import InvalidArgument
 from csi_vduse.lifecycle.node import NodeVolumes
 
@@ -27,9 +28,12 @@ def _require(value: str, what: str) -> str:
 
 
 class NodeService(rpc_pb.NodeServicer):
-    def __init__(self, config: ServeConfig, volumes: NodeVolumes) -> None:
+    def __init__(
+        self, config: ServeConfig, volumes: NodeVolumes, slots: Slots | None = None
+    ) -> None:
         self.config = config
         self.volumes = volumes
+        self.slots = slots or Slots()
 
     @rpc
     def NodeStageVolume(self, request: Any, context: Any) -> pb.NodeStageVolumeResponse:
@@ -37,15 +41,17 @@ class NodeService(rpc_pb.NodeServicer):
         access = capabilities.require_one(
             request.volume_capability, request.HasField("volume_capability")
         )
-        self.volumes.stage(
-            request.volume_id, request.staging_target_path, access, dict(request.secrets)
-        )
+        with self.slots.hold("NodeStageVolume"):
+            self.volumes.stage(
+                request.volume_id, request.staging_target_path, access, dict(request.secrets)
+            )
         return pb.NodeStageVolumeResponse()
 
     @rpc
     def NodeUnstageVolume(self, request: Any, context: Any) -> pb.NodeUnstageVolumeResponse:
         _require(request.volume_id, "volume_id")
-        self.volumes.unstage(request.volume_id, request.staging_target_path)
+        with self.slots.hold("NodeUnstageVolume"):
+            self.volumes.unstage(request.volume_id, request.staging_target_path)
         return pb.NodeUnstageVolumeResponse()
 
     @rpc
@@ -55,16 +61,18 @@ class NodeService(rpc_pb.NodeServicer):
         access = capabilities.require_one(
             request.volume_capability, request.HasField("volume_capability")
         )
-        self.volumes.publish(
-            request.volume_id, request.staging_target_path, request.target_path, access,
-            request.readonly,
-        )  # fmt: skip
+        with self.slots.hold("NodePublishVolume"):
+            self.volumes.publish(
+                request.volume_id, request.staging_target_path, request.target_path, access,
+                request.readonly,
+            )  # fmt: skip
         return pb.NodePublishVolumeResponse()
 
     @rpc
     def NodeUnpublishVolume(self, request: Any, context: Any) -> pb.NodeUnpublishVolumeResponse:
         _require(request.volume_id, "volume_id")
-        self.volumes.unpublish(request.volume_id, request.target_path)
+        with self.slots.hold("NodeUnpublishVolume"):
+            self.volumes.unpublish(request.volume_id, request.target_path)
         return pb.NodeUnpublishVolumeResponse()
 
     @rpc
@@ -87,10 +95,11 @@ class NodeService(rpc_pb.NodeServicer):
         _require(request.volume_id, "volume_id")
         if request.HasField("volume_capability"):
             capabilities.parse(request.volume_capability)
-        capacity = self.volumes.expand(
-            request.volume_id, request.volume_path, request.capacity_range.required_bytes,
-            request.capacity_range.limit_bytes,
-        )  # fmt: skip
+        with self.slots.hold("NodeExpandVolume"):
+            capacity = self.volumes.expand(
+                request.volume_id, request.volume_path, request.capacity_range.required_bytes,
+                request.capacity_range.limit_bytes,
+            )  # fmt: skip
         return pb.NodeExpandVolumeResponse(capacity_bytes=capacity)
 
     @rpc

@@ -24,6 +24,7 @@ from csi_vduse.csi.proto import csi_pb2_grpc as rpc_pb
 from csi_vduse.csi.proto import pluginregistration_pb2 as reg_pb
 from csi_vduse.csi.proto import pluginregistration_pb2_grpc as reg_rpc_pb
 from csi_vduse.csi.registration import RegistrationService
+from csi_vduse.csi.slots import WORKERS
 from csi_vduse.health import HealthServer
 from csi_vduse.lifecycle.locks import VolumeLocks
 from csi_vduse.lifecycle.node import NodeVolumes
@@ -77,7 +78,7 @@ class Driver:
         self.locks = VolumeLocks()
         self.node: NodeVolumes | None = None
         self.drivers: Drivers | None = None  # the controller's, started before it serves
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS))
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
         self.health: HealthServer | None = None
@@ -116,7 +117,7 @@ class Driver:
             rpc_pb.add_ControllerServicer_to_server(service, self.server)
 
     def start(self) -> None:
-        log.info("starting: serving the volumes staged on this node first")
+        log.info("starting")
         if self.config.registration_socket is not None:  # refused before anything is served
             prepare_socket(self.config.registration_socket)
         if self.config.controller_scope == "node" or "node" in self.config.components:
@@ -127,11 +128,7 @@ class Driver:
         for problem in host_problems(self.config):
             log.warning("this host cannot serve VDUSE volumes yet: %s", problem)
         if self.node is not None:
-            self.node.reconcile()
-            self._reconciler = threading.Thread(
-                target=self._reconcile_loop, name="reconciler", daemon=True
-            )
-            self._reconciler.start()
+            self.node.reconcile()  # starts the re-attaches; calls on their volumes wait for them
         path = self.config.socket_path
         listen(self.server, path)
         if self.registration_server is not None:
@@ -145,6 +142,11 @@ class Driver:
                 registry,
             )  # fmt: skip
             self.health.start()
+        if self.node is not None:  # after the sockets: a re-attach never delays them
+            self._reconciler = threading.Thread(
+                target=self._reconcile_loop, name="reconciler", daemon=True
+            )
+            self._reconciler.start()
         log.info("serving CSI on %s", path, extra={
             "driver": self.config.driver_name, "node": self.config.node_id,
             "components": ",".join(self.config.components),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from csi_vduse.state.staging import StageRecord, StagingStore
 from csi_vduse.state.volumes import VolumeRecord, check_volume_id, kind_of_volume, serial_for
 
 log = logging.getLogger(__name__)
+# how long a call on a volume waits for its re-attach (an RBD one waits out a dead
+# process's lock, 45 s) before it is told to come back
+REATTACH_WAIT_S = 60.0
 
 
 @dataclass
@@ -108,6 +112,9 @@ class NodeVolumes:
         self.problems: dict[str, str] = {}  # why a staged volume is not served; for conditions
         self.io_health: dict[str, IoHealth] = {}  # of each served volume, per reconcile
         self._last_sample = time.monotonic()
+        self._reattaching: dict[str, threading.Thread] = {}
+        self._reattach_lock = threading.Lock()
+        self._closing = False
 
     def _driver(self, volume_id: str) -> VolumeDriver:
         kind = kind_of_volume(volume_id)
@@ -138,6 +145,7 @@ class NodeVolumes:
         target = _path_arg(staging_path, "staging_target_path")
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
+        self._after_reattach(volume_id)
         with self.locks.hold(volume_id):
             driver = self._driver(volume_id)
             driver.prepare_stage(volume_id, secrets or {})
@@ -244,7 +252,14 @@ class NodeVolumes:
             raise Unavailable(
                 f"volume {volume_id}: {reason}; the plugin retries, fix the cause"
             ) from None
-        self.attached[volume_id] = attached
+        with self._reattach_lock:
+            closing = self._closing
+            if not closing:
+                self.attached[volume_id] = attached
+        if closing:  # served after shutdown() let go of the others: leave it as they are
+            attached.attachment.release()
+            attached.backend.close()
+            raise Unavailable(f"volume {volume_id}: the plugin is stopping")
         self.problems.pop(volume_id, None)
         log.info("%s: re-attached, serving %s", volume_id, attached.device)
         return attached
@@ -301,6 +316,7 @@ class NodeVolumes:
         target = _path_arg(staging_path, "staging_target_path")
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
+        self._after_reattach(volume_id)
         with self.locks.hold(volume_id):
             attached = self.attached.get(volume_id)
             has_device = (DEVICE_DIR / volume_id).exists()
@@ -343,6 +359,7 @@ class NodeVolumes:
         staging = _path_arg(staging_path, "staging_target_path")
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
+        self._after_reattach(volume_id)
         with self.locks.hold(volume_id):
             self._record(volume_id)
             staged = self._staged(volume_id)
@@ -448,6 +465,7 @@ class NodeVolumes:
             raise InvalidArgument("volume_path is required")
         if not volume_id_or_raise(volume_id):
             raise NotFound(f"volume {volume_id} does not exist on this node")
+        self._after_reattach(volume_id)
         with self.locks.hold(volume_id):
             record = self._record(volume_id)
             _path_arg(volume_path, "volume_path")
@@ -512,6 +530,10 @@ class NodeVolumes:
         if problem is not None:
             return True, problem
         attached = self.attached.get(volume_id)
+        with self._reattach_lock:
+            reattaching = volume_id in self._reattaching
+        if attached is None and reattaching:
+            return True, "its VDUSE device is being served again (re-attach in progress)"
         if attached is None:
             if self.staging.exists(volume_id):
                 return True, "volume is staged but its data plane is not running"
@@ -557,7 +579,9 @@ class NodeVolumes:
     def reconcile(self) -> None:
         """Serves every VDUSE device of a volume on this node that nobody serves: at
         start-up (the devices a previous process left staged) and periodically (what
-        failed before). Reports in the volumes' conditions what it cannot fix."""
+        failed before). Reports in the volumes' conditions what it cannot fix. Each volume
+        is worked on in its own thread: a backend that hangs (a Ceph outage) holds back its
+        own volumes only, never the others or the caller."""
         self._sample_io()
         self.staging.ensure()
         staged, unreadable = self.staging.scan()
@@ -568,11 +592,33 @@ class NodeVolumes:
         for volume_id in sorted(set(by_id) | set(unreadable) | devices):
             if volume_id in self.attached:
                 continue
-            try:
-                with self.locks.hold(volume_id):
-                    self._reconcile_one(volume_id, by_id.get(volume_id), volume_id in devices)
-            except Exception as e:  # busy (retried next round) or reported in its condition
-                log.debug("%s: not reconciled now: %s", volume_id, e)
+            with self._reattach_lock:
+                if self._closing or volume_id in self._reattaching:
+                    continue
+                worker = threading.Thread(
+                    target=self._reconcile_task, name=f"reattach-{volume_id}", daemon=True,
+                    args=(volume_id, by_id.get(volume_id), volume_id in devices),
+                )  # fmt: skip
+                self._reattaching[volume_id] = worker
+            worker.start()
+
+    def _after_reattach(self, volume_id: str, wait: float = REATTACH_WAIT_S) -> None:
+        """A call on a volume that a re-attach is working on waits for it (a while), rather
+        than being told to come back or reporting the state before it."""
+        with self._reattach_lock:
+            worker = self._reattaching.get(volume_id)
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(wait)
+
+    def _reconcile_task(self, volume_id: str, staged: StageRecord | None, has_device: bool) -> None:
+        try:
+            with self.locks.hold(volume_id):
+                self._reconcile_one(volume_id, staged, has_device)
+        except Exception as e:  # busy (retried next round) or reported in its condition
+            log.debug("%s: not reconciled now: %s", volume_id, e)
+        finally:
+            with self._reattach_lock:
+                self._reattaching.pop(volume_id, None)
 
     def _sample_io(self) -> None:
         now = time.monotonic()
@@ -620,14 +666,23 @@ class NodeVolumes:
                 found += server.dead_threads()
         return found
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: float = 10.0) -> None:
         """Leaves every volume staged: the kernel devices outlive this process, whose data
-        plane stops cleanly first (no C code runs while the interpreter exits)."""
-        for volume_id, attached in list(self.attached.items()):
+        plane stops cleanly first (no C code runs while the interpreter exits). Re-attaches
+        still running get `wait` seconds; one that serves later lets go itself."""
+        with self._reattach_lock:
+            self._closing = True
+            workers = list(self._reattaching.values())
+        deadline = time.monotonic() + wait
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        with self._reattach_lock:
+            attached = list(self.attached.items())
+            self.attached.clear()
+        for volume_id, volume in attached:
             try:
-                attached.attachment.release()
+                volume.attachment.release()
             except Exception:
                 log.exception("%s: cannot release its device cleanly", volume_id)
-            attached.backend.close()
-        log.info("leaving %d volume(s) staged", len(self.attached))
-        self.attached.clear()
+            volume.backend.close()
+        log.info("leaving %d volume(s) staged", len(attached))

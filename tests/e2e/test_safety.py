@@ -144,7 +144,8 @@ def test_a_volume_nobody_serves_is_reported_never_unstaged_and_served_again(
     image = workdir / "data" / "volumes" / f"{vid}.img"
     moved = image.with_suffix(".away")
     image.rename(moved)  # the re-attach of the next process fails
-    plugin.start()
+    plugin.start()  # the socket answers at once; the re-attach runs beside it
+    assert wait_for(lambda: "re-attach failed" in condition(plugin, vid, target)[0].message, 30)
     node, controller = condition(plugin, vid, target)
     assert node.abnormal and "re-attach failed" in node.message
     assert (controller.abnormal, controller.message) == (node.abnormal, node.message)
