@@ -103,6 +103,15 @@ class CephCluster:
         self._daemons.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def pause(self) -> None:
+        """An outage: the monitor and the OSD stop answering (SIGSTOP), connections stay."""
+        for proc in self._daemons:
+            proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for proc in self._daemons:
+            proc.send_signal(signal.SIGCONT)
+
     def log_tail(self, lines: int = 40) -> str:
         out = []
         for log in sorted((self.dir / "log").glob("*.log")):

@@ -10,6 +10,9 @@ import os
 import signal
 import subprocess
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +26,10 @@ from csi_vduse.csi.proto import csi_pb2 as pb
 from csi_vduse.dataplane.blk_device import BlkParams
 from csi_vduse.lifecycle.attachment import Attachment
 from tests.ceph.cluster import CephCluster, missing_binaries
-from tests.csi_client import Plugin, code_of, mount_cap
-from tests.e2e.helpers import Export, assert_gone, run
+from tests.csi_client import Plugin, block_cap, code_of, mount_cap
+from tests.e2e.helpers import Export, assert_gone, run, wait_for
+from tests.e2e.test_csi import create, read_direct
+from tests.e2e.test_safety import staged_device, write_direct
 
 MiB = 1 << 20
 C = grpc.StatusCode
@@ -201,3 +206,118 @@ def test_an_rbd_volume_through_csi_outlives_a_killed_plugin(
     plugin.controller.DeleteVolume(delete)
     assert rbd_image_of(vid)[1] not in ceph.rbd("ls", ceph.pool)  # type: ignore[index]
     assert ceph.key not in plugin.log.read_text()
+
+
+HEALTH_PORT = 9812
+
+
+def livez() -> int:
+    """/livez's HTTP status; 0 while nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{HEALTH_PORT}/livez", timeout=5) as got:
+            return int(got.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return 0
+
+
+def served(p: Plugin, vid: str, path: Path) -> bool:
+    stats = p.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(path))
+    )
+    return "served by" in stats.volume_condition.message
+
+
+@pytest.fixture
+def outage(ceph: CephCluster, workdir: Path) -> Iterator[Plugin]:
+    """A plugin with a health port; Ceph answers again and the plugin stops whatever the
+    test left."""
+    p = Plugin(workdir, "node-1", "", "--reconcile-interval=1",
+               f"--health-address=127.0.0.1:{HEALTH_PORT}")  # fmt: skip
+    yield p
+    ceph.resume()
+    if p.proc is not None and p.proc.poll() is None:
+        p.stop()
+    print("plugin log (tail):\n" + "\n".join(p.log.read_text().splitlines()[-60:]))
+
+
+def test_a_ceph_outage_stops_only_the_rbd_volumes(
+    outage: Plugin, ceph: CephCluster, workdir: Path
+) -> None:
+    """The plugin restarts while Ceph answers nothing: its socket and /livez come at once,
+    the file volume is served, 20 stages of RBD volumes never starve the liveness check,
+    the RBD volume is abnormal until Ceph is back and then served again by itself."""
+    plugin = outage
+    secrets = {"monitors": ceph.monitors, "userID": ceph.user, "userKey": ceph.key}
+    rbd_class = {"backend": "rbd", "pool": ceph.pool}
+    cap = block_cap()
+    file_vid = create(plugin, "pvc-file", cap)
+    rbd_vids = [
+        plugin.controller.CreateVolume(pb.CreateVolumeRequest(
+            name=f"pvc-rbd-{i}", capacity_range=pb.CapacityRange(required_bytes=16 * MiB),
+            volume_capabilities=[cap], parameters=rbd_class, secrets=secrets,
+        )).volume.volume_id
+        for i in range(21)
+    ]  # fmt: skip
+    rbd_vid = rbd_vids[0]
+    staged = {file_vid: workdir / "file", rbd_vid: workdir / "rbd"}
+    for vid, path in staged.items():
+        path.mkdir()
+        plugin.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=str(path), volume_capability=cap, secrets=secrets,
+        ))  # fmt: skip
+    devices = {vid: staged_device(workdir, vid) for vid in staged}
+    payload = os.urandom(MiB)
+    for device in devices.values():
+        write_direct(device, 0, payload)
+    assert plugin.stop(signal.SIGTERM) == 0  # an upgrade: the devices stay staged
+    ceph.pause()
+    started = time.monotonic()
+    plugin.start()
+    stats = plugin.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
+        volume_id=rbd_vid, volume_path=str(staged[rbd_vid])))  # fmt: skip
+    # the socket came while the RBD volume's re-attach still waits for the monitors (30 s)
+    condition = stats.volume_condition
+    assert condition.abnormal and "in progress" in condition.message, condition.message
+    assert wait_for(lambda: livez() == 200, 30), "no /livez 200 within 30 s of the socket"
+    assert time.monotonic() - started < 60
+    assert read_direct(devices[file_vid], MiB) == payload  # served, Ceph or not
+    assert wait_for(lambda: served(plugin, file_vid, staged[file_vid]), 30)
+
+    codes: list[grpc.StatusCode] = []
+
+    def stage_one(vid: str) -> None:
+        path = workdir / f"s-{vid[-8:]}"
+        path.mkdir()
+        request = pb.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=str(path), volume_capability=cap,
+            secrets=secrets,
+        )  # fmt: skip
+        codes.append(code_of(lambda: plugin.node.NodeStageVolume(request, timeout=300)))
+
+    stages = [threading.Thread(target=stage_one, args=(v,)) for v in rbd_vids[1:]]
+    for thread in stages:
+        thread.start()
+    answers: list[int] = []
+    while any(t.is_alive() for t in stages) and len(answers) < 60:
+        answers.append(livez())
+        time.sleep(1)
+    for thread in stages:
+        thread.join(300)
+        assert not thread.is_alive(), "a NodeStageVolume unanswered after 300 s"
+    assert answers and set(answers) == {200}, answers
+    assert C.OK not in codes and C.ABORTED in codes, codes  # 12 wait for Ceph at most
+
+    ceph.resume()
+    assert wait_for(lambda: served(plugin, rbd_vid, staged[rbd_vid]), 180), (
+        "the RBD volume not served again within 180 s of Ceph's return"
+    )
+    assert read_direct(devices[rbd_vid], MiB) == payload
+    for vid, path in staged.items():
+        plugin.node.NodeUnstageVolume(
+            pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(path))
+        )
+    assert not list((workdir / "state" / "ceph-access").glob("*.json"))
+    for vid in rbd_vids:
+        plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid, secrets=secrets))
