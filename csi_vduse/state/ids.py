@@ -66,3 +66,28 @@ def check_form(value: str, what: str) -> None:
         raise InvalidId(f"{what} is longer than {MAX_ID_BYTES} bytes")
     if not _SAFE.match(value):
         raise InvalidId(f"{what} {value!r} holds characters other than [A-Za-z0-9._-]")
+
+
+class IdSpace:
+    """The ids after one prefix (volumes, snapshots): made, parsed and checked alike."""
+
+    def __init__(self, prefix: str, what: str) -> None:
+        self.prefix, self.what = prefix, what
+
+    def make(self, name: str, kind: str = "file", location: str = "") -> str:
+        """Deterministic, so that a create is idempotent by name across crashes."""
+        return make(self.prefix, kind, name, location)
+
+    def parse(self, value: str) -> ParsedId | None:
+        return parse(self.prefix, value)
+
+    def kind_of(self, value: str) -> str | None:
+        """The backend of one of our ids; None for any other id."""
+        parsed = parse(self.prefix, value)
+        return parsed.kind if parsed else None
+
+    def check(self, value: str) -> bool:
+        """True for one of our ids; False for a harmless id that cannot be ours.
+        Raises InvalidId for an id that is empty, too long, or could name another path."""
+        check_form(value, self.what)
+        return parse(self.prefix, value) is not None

@@ -14,24 +14,11 @@ from csi_vduse.state.records import Record, load, scan
 ID_PREFIX = ids.SNAPSHOT_PREFIX
 
 
-def snapshot_id_for(name: str, kind: str = "file", location: str = "") -> str:
-    return ids.make(ID_PREFIX, kind, name, location)
-
-
-def parse_snapshot_id(snapshot_id: str) -> ids.ParsedId | None:
-    return ids.parse(ID_PREFIX, snapshot_id)
-
-
-def kind_of_snapshot(snapshot_id: str) -> str | None:
-    parsed = ids.parse(ID_PREFIX, snapshot_id)
-    return parsed.kind if parsed else None
-
-
-def check_snapshot_id(snapshot_id: str) -> bool:
-    """True for one of our ids, False for a harmless id that cannot be ours; InvalidId for
-    one that is empty, too long or could name another path."""
-    ids.check_form(snapshot_id, "snapshot_id")
-    return ids.parse(ID_PREFIX, snapshot_id) is not None
+SNAPSHOT_IDS = ids.IdSpace(ID_PREFIX, "snapshot_id")
+snapshot_id_for = SNAPSHOT_IDS.make
+parse_snapshot_id = SNAPSHOT_IDS.parse
+kind_of_snapshot = SNAPSHOT_IDS.kind_of
+check_snapshot_id = SNAPSHOT_IDS.check
 
 
 class SnapshotRecord(Record):

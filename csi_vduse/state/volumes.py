@@ -23,32 +23,17 @@ POOL_NAME = ids.LOCATION
 InvalidId = ids.InvalidId
 
 
-def volume_id_for(name: str, kind: str = "file", location: str = "") -> str:
-    """Deterministic, so that CreateVolume is idempotent by name across crashes."""
-    return ids.make(ID_PREFIX, kind, name, location)
-
-
-def parse_volume_id(volume_id: str) -> ids.ParsedId | None:
-    return ids.parse(ID_PREFIX, volume_id)
-
-
-def kind_of_volume(volume_id: str) -> str | None:
-    """The backend of one of our volume ids; None for any other id."""
-    parsed = ids.parse(ID_PREFIX, volume_id)
-    return parsed.kind if parsed else None
+VOLUME_IDS = ids.IdSpace(ID_PREFIX, "volume_id")
+volume_id_for = VOLUME_IDS.make
+parse_volume_id = VOLUME_IDS.parse
+kind_of_volume = VOLUME_IDS.kind_of
+check_volume_id = VOLUME_IDS.check
 
 
 def serial_for(volume_id: str) -> str:
     """The virtio-blk serial (20 bytes at most): the end of the id's hash."""
     parsed = ids.parse(ID_PREFIX, volume_id)
     return (parsed.hash if parsed else volume_id)[-20:]
-
-
-def check_volume_id(volume_id: str) -> bool:
-    """True for one of our ids; False for a harmless id that cannot be ours.
-    Raises InvalidId for an id that is empty, too long, or could name another path."""
-    ids.check_form(volume_id, "volume_id")
-    return ids.parse(ID_PREFIX, volume_id) is not None
 
 
 def _known_kind(kind: str) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from csi_vduse.backends.base import BackendError
 from csi_vduse.backends.rbd.cluster import NoSuchImage, RbdAccess, RbdCluster
@@ -19,6 +20,7 @@ from csi_vduse.state.volumes import VolumeRecord, parse_volume_id
 MONITORS, USER, KEY = "monitors", "userID", "userKey"
 RECORD_KEY = "csi-vduse.record"
 KIND = "rbd"
+R = TypeVar("R", bound=BaseModel)
 IMAGE_PREFIX = "csi-vduse-"
 USER_SNAP_PREFIX = "csi-vduse-snap-"  # a CSI snapshot's rbd snapshot
 
@@ -107,12 +109,19 @@ def read_record(cluster: RbdCluster, image: str) -> VolumeRecord | None:
     raw = cluster.get_meta(image, RECORD_KEY)
     if raw is None:
         return None
+    return parse_record(
+        VolumeRecord, raw, f"rbd image {cluster.access.pool}/{image} holds a record"
+    )
+
+
+def parse_record(model: type[R], raw: str, where: str) -> R:
+    """A record kept in Ceph metadata; FAILED_PRECONDITION naming `where` if this version
+    cannot read it."""
     try:
-        return VolumeRecord.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as e:
         raise FailedPrecondition(
-            f"rbd image {cluster.access.pool}/{image} holds a record this version cannot "
-            f"read ({e.error_count()} errors)"
+            f"{where} this version cannot read ({e.error_count()} errors)"
         ) from None
 
 

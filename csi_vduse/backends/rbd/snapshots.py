@@ -8,14 +8,13 @@ from __future__ import annotations
 import logging
 import time
 
-from pydantic import ValidationError
-
 from csi_vduse.backends.base import BackendError
 from csi_vduse.backends.rbd.cluster import NoSuchImage, RbdCluster
 from csi_vduse.backends.rbd.pool import (
     access_from,
     connected,
     image_of,
+    parse_record,
     record_if_any,
     snapshot_id_for,
     snapshot_of,
@@ -23,7 +22,6 @@ from csi_vduse.backends.rbd.pool import (
 )
 from csi_vduse.errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -42,13 +40,8 @@ def read(cluster: RbdCluster, snapshot_id: str) -> SnapshotRecord | None:
     raw = cluster.get_pool_meta(_key(snapshot_id))
     if raw is None:
         return None
-    try:
-        return SnapshotRecord.model_validate_json(raw)
-    except ValidationError as e:
-        raise FailedPrecondition(
-            f"pool {cluster.access.pool} holds a record of snapshot {snapshot_id} this "
-            f"version cannot read ({e.error_count()} errors)"
-        ) from None
+    where = f"pool {cluster.access.pool} holds a record of snapshot {snapshot_id}"
+    return parse_record(SnapshotRecord, raw, where)
 
 
 def cut(name: str, source_volume_id: str, secrets: dict[str, str]) -> SnapshotRecord:
